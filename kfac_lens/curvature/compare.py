@@ -1,0 +1,82 @@
+"""Error metrics between curvature matrices and between update directions, as pandas tables.
+
+Relative Frobenius error ``‖approx − ref‖_F / ‖ref‖_F`` overall and per block (Appendix C's
+comparisons), and for directions the cosine and relative-norm error against a reference such as
+the exact natural gradient F⁻¹∇h (Appendix C, footnote 1).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import pandas as pd
+import torch
+
+
+def _rel(diff: torch.Tensor, ref: torch.Tensor) -> float:
+    r = float(ref.norm())
+    return float(diff.norm()) / r if r > 0 else float("nan")
+
+
+def block_errors(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int],
+                 labels: Sequence | None = None, name: str = "approx") -> pd.DataFrame:
+    """Relative Frobenius error of ``approx`` against ``ref`` overall and for every block (i, j).
+
+    ``sizes`` are the block sizes (parameters per layer); ``labels`` name the layers (default 0..).
+    Columns: comparison, block_row, block_col, kind (diagonal / tridiagonal / off-tridiagonal / overall),
+    rel_error, abs_error, ref_norm.
+    """
+    if approx.shape != ref.shape or approx.shape[0] != sum(sizes):
+        raise ValueError(f"shapes {tuple(approx.shape)} and {tuple(ref.shape)} must both be P×P with P = {sum(sizes)}.")
+    labels = list(range(len(sizes))) if labels is None else list(labels)
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    diff = approx - ref
+    rows = [{"comparison": name, "block_row": "all", "block_col": "all", "kind": "overall",
+             "rel_error": _rel(diff, ref), "abs_error": float(diff.norm()), "ref_norm": float(ref.norm())}]
+    for i in range(len(sizes)):
+        for j in range(len(sizes)):
+            bi, bj = slice(offs[i], offs[i + 1]), slice(offs[j], offs[j + 1])
+            kind = "diagonal" if i == j else ("tridiagonal" if abs(i - j) == 1 else "off-tridiagonal")
+            rows.append({"comparison": name, "block_row": labels[i], "block_col": labels[j], "kind": kind,
+                         "rel_error": _rel(diff[bi, bj], ref[bi, bj]), "abs_error": float(diff[bi, bj].norm()),
+                         "ref_norm": float(ref[bi, bj].norm())})
+    return pd.DataFrame(rows)
+
+
+def error_by_kind(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int], name: str = "approx") -> pd.DataFrame:
+    """Relative Frobenius error pooled over block kinds: overall, diagonal, tridiagonal, off-tridiagonal."""
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    n = len(sizes)
+    kinds = {"diagonal": lambda i, j: i == j, "tridiagonal": lambda i, j: abs(i - j) == 1,
+             "off-tridiagonal": lambda i, j: abs(i - j) > 1}
+    diff = approx - ref
+    rows = [{"comparison": name, "kind": "overall", "rel_error": _rel(diff, ref)}]
+    for kind, pred in kinds.items():
+        mask = torch.zeros_like(ref, dtype=torch.bool)
+        for i in range(n):
+            for j in range(n):
+                if pred(i, j):
+                    mask[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = True
+        if mask.any():
+            rows.append({"comparison": name, "kind": kind, "rel_error": _rel(diff[mask], ref[mask])})
+    return pd.DataFrame(rows)
+
+
+def direction_errors(directions: Mapping[str, torch.Tensor], reference: torch.Tensor,
+                     reference_name: str = "exact") -> pd.DataFrame:
+    """Cosine and relative-norm error ``‖u − u_ref‖/‖u_ref‖`` of each update direction vs a reference."""
+    ref = reference.reshape(-1)
+    rn = float(ref.norm())
+    rows = []
+    for name, u in directions.items():
+        u = u.reshape(-1).to(ref.dtype)
+        un = float(u.norm())
+        cos = float(u @ ref) / (un * rn) if un > 0 and rn > 0 else float("nan")
+        rows.append({"direction": name, "reference": reference_name, "cosine": cos,
+                     "rel_norm_error": float((u - ref).norm()) / rn if rn > 0 else float("nan"),
+                     "norm_ratio": un / rn if rn > 0 else float("nan")})
+    return pd.DataFrame(rows)

@@ -1,0 +1,192 @@
+"""The two approximate inverses of F̃ (Sections 3.2, 3.3; MATH.md §5) and the Appendix I solver.
+
+- :class:`BlockDiagonalInverse` — F̆⁻¹: ``U_k = G_kk⁻¹ V_k Ā_kk⁻¹`` with damped diagonal factors.
+- :class:`BlockTridiagonalInverse` — F̂⁻¹ = Ξᵀ Λ Ξ, where F̂ agrees with the damped F̃ on the
+  tridiagonal blocks and F̂⁻¹ is block-tridiagonal.
+- :class:`KroneckerSumInverse` — ``(A⊗B ± C⊗D)⁻¹`` for symmetric PSD A, B, C, D (Appendix I).
+
+Layers are 0-based Linear indices; "tridiagonal" means neighbours in the selected ``layers`` list.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import SingularFactorError
+from ..memory import check_dense_fits
+from .damping import check_gamma
+from .factors import KroneckerFactors
+from .operators import BlockOperator, SymmetricEig
+
+
+class KroneckerSumInverse:
+    """``(A⊗B ± C⊗D)⁻¹`` via Appendix I, for A, B positive definite and C, D PSD.
+
+    With ``A^{-1/2} C A^{-1/2} = E₁S₁E₁ᵀ`` and ``B^{-1/2} D B^{-1/2} = E₂S₂E₂ᵀ``, ``K₁ = A^{-1/2}E₁``,
+    ``K₂ = B^{-1/2}E₂``: ``(A⊗B ± C⊗D)⁻¹ vec(V) = vec(K₂ [(K₂ᵀ V K₁) ⊘ (11ᵀ ± s₂s₁ᵀ)] K₁ᵀ)``.
+    V has shape (dim B, dim A), matching ``(A⊗B) vec(V) = vec(B V Aᵀ)``.
+    """
+
+    def __init__(self, A, B, C, D, sign: int = -1, name: str = "A⊗B ± C⊗D"):
+        if sign not in (1, -1):
+            raise ValueError("sign must be +1 or -1.")
+        eA = SymmetricEig(A, f"{name}: A", check_singular=True)
+        eB = SymmetricEig(B, f"{name}: B", check_singular=True)
+        Ais, Bis = eA.inv_sqrt(), eB.inv_sqrt()
+        e1 = SymmetricEig(Ais @ C @ Ais)
+        e2 = SymmetricEig(Bis @ D @ Bis)
+        self.K1, self.K2 = Ais @ e1.E, Bis @ e2.E
+        den = 1.0 + sign * (e2.s[:, None] * e1.s[None, :])
+        floor = 1e3 * torch.finfo(den.dtype).eps
+        if float(den.min()) < floor:
+            if float(den.min()) <= 0 and sign == -1 and float(den.min()) < -floor:
+                raise SingularFactorError(
+                    f"{name} is not positive definite (1 − s₂s₁ᵀ reaches {float(den.min()):.3g}); "
+                    "increase the damping gamma."
+                )
+            warnings.warn(f"{name} is nearly singular (min of 1 ± s₂s₁ᵀ = {float(den.min()):.3g}); "
+                          f"clamped to {floor:.1g}. Increase gamma for a trustworthy inverse.",
+                          RuntimeWarning, stacklevel=2)
+            den = den.clamp_min(floor)
+        self.den = den
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        return self.K2 @ ((self.K2.T @ V @ self.K1) / self.den) @ self.K1.T
+
+    def dense(self) -> torch.Tensor:
+        K = torch.kron(self.K1, self.K2)
+        return (K * (1.0 / self.den).T.reshape(-1)) @ K.T
+
+
+class BlockDiagonalInverse(BlockOperator):
+    """F̆⁻¹ with factored Tikhonov damping: ``U_k = (G_kk + γ/π I)⁻¹ V_k (Ā_kk + πγ I)⁻¹`` (Section 3.2, E.3)."""
+
+    def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
+        self.gamma = check_gamma(gamma)
+        sel = factors.select(layers)
+        super().__init__(sel, [factors.shapes[k] for k in sel])
+        self.pi = {k: factors.pi(k, pi) for k in sel}
+        damped = factors.damped(self.gamma, pi)
+        self.factors = damped
+        self.A_inv = [SymmetricEig(damped.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True).inv()
+                      for k in sel]
+        self.G_inv = [SymmetricEig(damped.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True).inv()
+                      for k in sel]
+
+    def apply_block(self, i, V):
+        return self.G_inv[i] @ V @ self.A_inv[i]
+
+    def apply_low_rank(self, i: int, g_cols: torch.Tensor, a_rows: torch.Tensor, scale: float) -> torch.Tensor:
+
+        ``U = scale · (G⁻¹ g_cols)(a_rowsᵀ... ) = scale · (G⁻¹ g_cols)(a_rows Ā⁻¹)``."""
+        return (self.G_inv[i] @ g_cols) @ (a_rows @ self.A_inv[i]) * scale
+
+    def dense_block(self, i):
+        return torch.kron(self.A_inv[i], self.G_inv[i])
+
+    def dense_approximation(self, max_bytes=None) -> torch.Tensor:
+        """F̆ itself: the diagonal blocks of the damped F̃."""
+        return self.factors.dense(self.layers, max_bytes=max_bytes).mul_(self._block_mask())
+
+    def _block_mask(self) -> torch.Tensor:
+        ref = self.A_inv[0]
+        return torch.block_diag(*[torch.ones(r * c, r * c, dtype=ref.dtype, device=ref.device)
+                                  for r, c in self.shapes])
+
+
+class BlockTridiagonalInverse(BlockOperator):
+    """F̂⁻¹ = Ξᵀ Λ Ξ (Section 3.3; MATH.md §5), with factored Tikhonov damping on the diagonal factors.
+
+    ``Ψ^Ā_k = Ā[k,k+1] Ā[k+1,k+1]⁻¹``, ``Ψ^G_k = G[k,k+1] G[k+1,k+1]⁻¹``; Λ holds the inverses of the
+    conditional covariances ``Σ_{k|k+1} = Ā_kk⊗G_kk − (Ψ^Ā_k Ā[k+1,k]) ⊗ (Ψ^G_k G[k+1,k])``
+    (Appendix I solver) and ``Σ_last = Ā⊗G``. Cross factors are used undamped.
+    """
+
+    def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
+        self.gamma = check_gamma(gamma)
+        sel = factors.select(layers)
+        super().__init__(sel, [factors.shapes[k] for k in sel])
+        for k, l in zip(sel[:-1], sel[1:]):
+            if (k, l) not in factors.A or (k, l) not in factors.G:
+                raise ValueError(
+                    f"the block-tridiagonal inverse needs the cross factors A[{k},{l}] and G[{k},{l}]; "
+                    "compute the factors with pairs='tridiag' or 'all'."
+                )
+        self.pi = {k: factors.pi(k, pi) for k in sel}
+        d = factors.damped(self.gamma, pi)
+        self.factors = d
+        eigA = [SymmetricEig(d.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True) for k in sel]
+        eigG = [SymmetricEig(d.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True) for k in sel]
+        self.A_inv = [e.inv() for e in eigA]
+        self.G_inv = [e.inv() for e in eigG]
+        self.psi_A, self.psi_G, self.sigma_inv = [], [], []
+        for i, (k, l) in enumerate(zip(sel[:-1], sel[1:])):
+            pA = d.A[k, l] @ self.A_inv[i + 1]
+            pG = d.G[k, l] @ self.G_inv[i + 1]
+            self.psi_A.append(pA)
+            self.psi_G.append(pG)
+            C = pA @ d.A[k, l].T
+            D = pG @ d.G[k, l].T
+            self.sigma_inv.append(KroneckerSumInverse(d.A[k, k], d.G[k, k], 0.5 * (C + C.T), 0.5 * (D + D.T),
+                                                      sign=-1, name=f"Σ_{{{k}|{l}}}"))
+
+    # u = Ξ v :  U_i = V_i − Ψ^G_i V_{i+1} Ψ^Āᵀ_i
+    def _xi(self, V):
+        return [V[i] - self.psi_G[i] @ V[i + 1] @ self.psi_A[i].T for i in range(len(V) - 1)] + [V[-1]]
+
+    # u = Ξᵀ v : U_i = V_i − Ψ^Gᵀ_{i−1} V_{i−1} Ψ^Ā_{i−1}
+    def _xi_t(self, V):
+        return [V[0]] + [V[i] - self.psi_G[i - 1].T @ V[i - 1] @ self.psi_A[i - 1] for i in range(1, len(V))]
+
+    def _lambda(self, V):
+        out = [self.sigma_inv[i].apply(V[i]) for i in range(len(V) - 1)]
+        return out + [self.G_inv[-1] @ V[-1] @ self.A_inv[-1]]
+
+    def apply(self, mats):
+        return self._xi_t(self._lambda(self._xi(self._check(mats))))
+
+    def dense(self, max_bytes=None) -> torch.Tensor:
+        """Ξᵀ Λ Ξ assembled from explicit Kronecker products (independent of :meth:`apply`)."""
+        ref = self.A_inv[0]
+        P = self.n_params
+        check_dense_fits(P, ref.dtype, ref.device, max_bytes=max_bytes, what="dense F̂⁻¹")
+        sizes = [r * c for r, c in self.shapes]
+        offs = [0]
+        for s in sizes:
+            offs.append(offs[-1] + s)
+        Xi = torch.eye(P, dtype=ref.dtype, device=ref.device)
+        for i in range(len(sizes) - 1):
+            Xi[offs[i]:offs[i + 1], offs[i + 1]:offs[i + 2]] = -torch.kron(self.psi_A[i], self.psi_G[i])
+        Lam = torch.block_diag(*[s.dense() for s in self.sigma_inv],
+                               torch.kron(self.A_inv[-1], self.G_inv[-1]))
+        out = Xi.T @ Lam @ Xi
+        return 0.5 * (out + out.T)
+
+    def dense_approximation(self, max_bytes=None) -> torch.Tensor:
+        """F̂ itself: the inverse of :meth:`dense` (it matches the damped F̃ on the tridiagonal blocks)."""
+        M = self.dense(max_bytes=max_bytes)
+        L = torch.linalg.cholesky(M)
+        out = torch.cholesky_inverse(L)
+        return 0.5 * (out + out.T)
+
+
+def block_diagonal_inverse(factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
+    """F̆⁻¹ of the damped factors (Section 3.2; factored Tikhonov, Appendix E.3). ``pi``: "trace" or a number."""
+    return BlockDiagonalInverse(factors, gamma, layers, pi)
+
+
+def block_tridiagonal_inverse(factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
+    """F̂⁻¹ of the damped factors (Section 3.3; factored Tikhonov, Appendix E.3). ``pi``: "trace" or a number."""
+    return BlockTridiagonalInverse(factors, gamma, layers, pi)
+
+
+INVERSES = {"blockdiag": BlockDiagonalInverse, "tridiag": BlockTridiagonalInverse}
+
+
+def make_inverse(kind: str, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
+    """``kind``: "blockdiag" or "tridiag"."""
+    if kind not in INVERSES:
+        raise ValueError(f"inverse must be one of {sorted(INVERSES)}, got {kind!r}.")
+    return INVERSES[kind](factors, gamma, layers, pi)

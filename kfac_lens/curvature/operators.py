@@ -1,0 +1,103 @@
+"""Structured curvature operators: apply to per-layer matrices or flat θ-vectors, and export dense.
+
+Per-layer matrices have shape ``(..., d_out, a_dim)`` (leading batch dims allowed); flat vectors use
+the paper layout of MATH.md §1 restricted to the operator's layers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import SingularFactorError
+from ..memory import check_dense_fits
+from ..nets import mats_to_vec, vec_to_mats
+
+
+class SymmetricEig:
+    """Eigendecomposition ``M = E diag(s) Eᵀ`` of a symmetric PSD factor, with inverse and inverse root."""
+
+    def __init__(self, M: torch.Tensor, name: str = "factor", check_singular: bool = False):
+        M = 0.5 * (M + M.T)
+        s, E = torch.linalg.eigh(M)
+        self.s, self.E = s, E
+        if check_singular:
+            tol = M.shape[0] * torch.finfo(M.dtype).eps * max(float(s.abs().max()), 1e-300)
+            if float(s.min()) <= tol:
+                rank = int((s > tol).sum())
+                raise SingularFactorError(
+                    f"{name} is singular (numerical rank {rank} of {M.shape[0]}), so it cannot be inverted "
+                    "at this damping. Pass gamma > 0 (factored Tikhonov damping, Appendix E.3) or use more cases."
+                )
+
+    def inv(self) -> torch.Tensor:
+        return (self.E / self.s) @ self.E.T
+
+    def inv_sqrt(self) -> torch.Tensor:
+        return (self.E / self.s.sqrt()) @ self.E.T
+
+
+class BlockOperator:
+    """A linear operator on the parameters of ``layers`` (0-based Linear indices).
+
+    Subclasses implement :meth:`apply` (or the block-diagonal :meth:`apply_block`) and
+    :meth:`dense` (or :meth:`dense_block`).
+    """
+
+    def __init__(self, layers: Sequence[int], shapes: Sequence[tuple[int, int]]):
+        self.layers = list(layers)
+        self.shapes = [tuple(s) for s in shapes]
+
+    @property
+    def n_params(self) -> int:
+        return sum(r * c for r, c in self.shapes)
+
+    def _check(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        mats = list(mats)
+        if len(mats) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} per-layer matrices (layers {self.layers}), got {len(mats)}.")
+        for k, M, s in zip(self.layers, mats, self.shapes):
+            if tuple(M.shape[-2:]) != s:
+                raise ValueError(f"layer {k} expects a matrix of shape {s}, got {tuple(M.shape)}.")
+        return mats
+
+    def apply(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply to per-layer matrices; returns per-layer matrices."""
+        mats = self._check(mats)
+        return [self.apply_block(i, V) for i, V in enumerate(mats)]
+
+    def apply_block(self, i: int, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Apply to a flat θ-vector (paper layout), or to a batch (..., P)."""
+        if v.shape[-1] != self.n_params:
+            raise ValueError(f"expected vectors with {self.n_params} entries (layers {self.layers}), got {v.shape[-1]}.")
+        return mats_to_vec(self.apply(vec_to_mats(v, self.shapes)))
+
+    def __matmul__(self, other):
+        if isinstance(other, torch.Tensor):
+            if other.ndim == 2 and other.shape[0] == self.n_params:  # a P×m matrix of columns
+                return self.matvec(other.T).T
+            return self.matvec(other)
+        return self.apply(other)
+
+    def dense(self, max_bytes: int | None = None) -> torch.Tensor:
+        """The P×P matrix in the paper layout (default: block diagonal from :meth:`dense_block`)."""
+        ref = self._ref()
+        check_dense_fits(self.n_params, ref.dtype, ref.device, max_bytes=max_bytes, what=type(self).__name__)
+        return torch.block_diag(*[self.dense_block(i) for i in range(len(self.layers))])
+
+    def dense_block(self, i: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _ref(self) -> torch.Tensor:
+        for v in vars(self).values():
+            if isinstance(v, torch.Tensor):
+                return v
+            if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+                return v[0]
+            if isinstance(v, list) and v and isinstance(v[0], SymmetricEig):
+                return v[0].E
+        raise RuntimeError("operator holds no tensor")

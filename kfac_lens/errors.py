@@ -1,0 +1,23 @@
+"""Errors raised by kfac_lens.
+
+Every one is a ``ValueError`` so that callers can catch bad input uniformly; each message names the
+problem and the way out.
+"""
+
+from __future__ import annotations
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a chain of ``nn.Linear`` layers with parameter-free modules between them."""
+
+
+class SingularFactorError(ValueError):
+    """A Kronecker factor (or a Schur complement) cannot be inverted at the requested damping."""
+
+
+class DenseTooLargeError(ValueError):
+    """A dense P×P request would not fit in memory."""
+
+
+class NonFiniteError(ValueError):
+    """Inputs, parameters or a loss contain NaN or Inf."""

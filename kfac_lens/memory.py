@@ -1,0 +1,41 @@
+"""Memory estimates made before allocating a dense P×P matrix (DESIGN.md, "Memory")."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DenseTooLargeError
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # unknown platform: assume 8 GiB
+
+
+def check_dense_fits(P: int, dtype: torch.dtype, device: torch.device, *, copies: int = 3,
+                     max_bytes: int | None = None, what: str = "dense matrix") -> None:
+    """Raise :class:`DenseTooLargeError` when ``copies`` P×P matrices would not fit.
+
+    ``max_bytes`` overrides the limit (default: 80% of the memory available on ``device``).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = int(P) * int(P) * itemsize * copies
+    limit = int(0.8 * available_bytes(device)) if max_bytes is None else int(max_bytes)
+    if need > limit:
+        raise DenseTooLargeError(
+            f"a {what} with P = {P} parameters needs about {need / 2**30:.2f} GiB "
+            f"({copies} × P² × {itemsize} bytes) but only {limit / 2**30:.2f} GiB may be used on {device}. "
+            "Restrict it with layers=[...], or use the matrix-free products "
+            "(fisher_vector_product, the inverse operators' apply/@) instead of a dense matrix."
+        )
