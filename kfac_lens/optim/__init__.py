@@ -1,0 +1,12 @@
+"""Optimizers: K-FAC (Appendices D–H) and the first-order baselines, with a shared training loop."""
+
+from .baselines import Adam, SGDNesterov
+from .kfac import KFAC, Proposal
+from .quadratic import SubspaceModel, alpha_star
+from .schedules import (ema_decay, exponential_batch_sizes, gamma_candidates, levenberg_marquardt,
+                        sutskever_momentum)
+from .train import evaluate, load_checkpoint, save_checkpoint, train
+
+__all__ = ["Adam", "SGDNesterov", "KFAC", "Proposal", "SubspaceModel", "alpha_star", "ema_decay",
+           "exponential_batch_sizes", "gamma_candidates", "levenberg_marquardt", "sutskever_momentum",
+           "evaluate", "load_checkpoint", "save_checkpoint", "train"]
