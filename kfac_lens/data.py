@@ -362,9 +362,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     @staticmethod
     def _allowed() -> dict[tuple[str, str], object]:
         try:
-            from numpy._core import multiarray  # numpy >= 2
+            from numpy._core import multiarray, numeric  # numpy >= 2
         except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core import multiarray
+            from numpy.core import multiarray, numeric
         allowed: dict[tuple[str, str], object] = {
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): np.dtype,
@@ -372,6 +372,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
             allowed[(mod, "_reconstruct")] = multiarray._reconstruct
             allowed[(mod, "scalar")] = multiarray.scalar
+        for mod in ("numpy.core.numeric", "numpy._core.numeric"):  # pickle protocol 5 buffers
+            allowed[(mod, "_frombuffer")] = numeric._frombuffer
         return allowed
 
     def find_class(self, module: str, name: str):
@@ -470,7 +472,7 @@ def _mnist_arrays(cache_dir: Path, download: bool, split: str) -> dict[str, np.n
 def load_mnist(
     split: str = "train", cache_dir: str | os.PathLike | None = None, download: bool = True
 ) -> Dataset:
-    """MNIST 28x28 (D=784), pixels in [0, 1], splits train/valid/test = 50k/10k/10k.
+    """MNIST 28x28 (D=784), pixels k/256 in [0, 1), splits train/valid/test = 50k/10k/10k.
 
     Sources, in order: ``<cache_dir>/mnist.npz``; the IDX files in ``cache_dir`` (last 10k of the 60k
     training images = ``valid``); with ``download``, the IDX mirrors (MD5-checked), then the

@@ -88,6 +88,7 @@ class NetworkView:
             )
         self.model = model
         layers: list[Layer] = []
+        self.sequence: tuple[nn.Module, ...] = tuple(mod for _, mod in _flatten_sequential(model))
         for name, mod in _flatten_sequential(model):
             if isinstance(mod, nn.Linear):
                 layers.append(Layer(len(layers), mod))

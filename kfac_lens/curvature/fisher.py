@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from ..capture import (Capture, analysis_view, check_estimator, check_inputs, iter_captures,
@@ -129,24 +130,66 @@ def _as_mats(view: NetworkView, sel, v) -> list[torch.Tensor]:
     return mats
 
 
-def jacobian_products(model, X, vectors: Sequence, layers=None, *, checked: bool = False):
-    """``(z, [J v for v in vectors])`` by forward-mode products (Appendix J); each Jv is (N, C).
+_ELEMENTWISE_DERIVATIVE = {
+    nn.Tanh: lambda x, y: 1 - y * y,
+    nn.Sigmoid: lambda x, y: y * (1 - y),
+    nn.ReLU: lambda x, y: (x > 0).to(y.dtype),
+    nn.Identity: None,
+}
 
-    Each v is a flat θ-vector (paper layout, restricted to ``layers``) or a list of per-layer matrices.
+
+def _linearized_module(mod: nn.Module, a: torch.Tensor, da: torch.Tensor | None):
+    """(mod(a), J_mod(a) · da[t] for each tangent t) for a parameter-free module."""
+    if type(mod) in _ELEMENTWISE_DERIVATIVE:
+        y = mod(a)
+        deriv = _ELEMENTWISE_DERIVATIVE[type(mod)]
+        if da is None:
+            return y, None
+        return y, (da if deriv is None else da * deriv(a, y))
+    if da is None:
+        return mod(a), None
+    y, lin = torch.func.linearize(mod, a)
+    return y, torch.stack([lin(t) for t in da])
+
+
+@torch.no_grad()
+def jacobian_products(model, X, vectors: Sequence, layers=None, *, checked: bool = False):
+    """``(z, [J v for v in vectors])`` by one linearised forward pass (Appendix J); each Jv is (N, C).
+
+    The primal pass is shared by all tangents: ``ṡ_k = W_k ȧ_k + V_k ā_k`` at the Linear layers and
+    ``ȧ = φ'(s) ⊙ ṡ`` (or a forward-mode product) at the parameter-free modules. Each v is a flat
+    θ-vector (paper layout, restricted to ``layers``) or a list of per-layer matrices.
     """
     view = model if isinstance(model, NetworkView) else NetworkView(model)
     sel = view.select(layers)
     if not checked:
         X, _ = check_inputs(view, X)
-    f, params, names = _layer_function(view, X, sel)
-    z, outs = None, []
+    T = len(vectors)
+    tang = {k: [] for k in sel}
     for v in vectors:
-        t = _tangent(view, sel, names, _as_mats(view, sel, v))
-        z, Jv = jvp(f, (params,), (t,))
-        outs.append(Jv)
-    if z is None:
-        z = f(params)
-    return z.detach(), outs
+        for k, M in zip(sel, _as_mats(view, sel, v)):
+            tang[k].append(M.to(device=view.device, dtype=view.dtype))
+    tang = {k: torch.stack(ms) for k, ms in tang.items()}  # (T, d_out, a_dim)
+    index = {id(L.module): L for L in view.layers}
+    a, da = X, None
+    for mod in view.sequence:
+        L = index.get(id(mod))
+        if L is None:
+            a, da = _linearized_module(mod, a, da)
+            continue
+        s = mod(a)
+        ds = None if da is None else da @ mod.weight.T
+        if L.index in tang and T:
+            V = tang[L.index]
+            term = a @ V[:, :, :L.d_in].transpose(1, 2)
+            if L.has_bias:
+                term = term + V[:, None, :, -1]
+            ds = term if ds is None else ds + term
+        a, da = s, ds
+    z = a
+    if da is None:
+        da = torch.zeros(T, *z.shape, dtype=z.dtype, device=z.device)
+    return z.detach(), list(da)
 
 
 def fisher_gram(model, X, likelihood, vectors: Sequence, layers=None, *, checked: bool = False) -> torch.Tensor:

@@ -26,14 +26,16 @@ class KroneckerSumInverse:
 
     With ``A^{-1/2} C A^{-1/2} = E₁S₁E₁ᵀ`` and ``B^{-1/2} D B^{-1/2} = E₂S₂E₂ᵀ``, ``K₁ = A^{-1/2}E₁``,
     ``K₂ = B^{-1/2}E₂``: ``(A⊗B ± C⊗D)⁻¹ vec(V) = vec(K₂ [(K₂ᵀ V K₁) ⊘ (11ᵀ ± s₂s₁ᵀ)] K₁ᵀ)``.
-    V has shape (dim B, dim A), matching ``(A⊗B) vec(V) = vec(B V Aᵀ)``.
+    V has shape (dim B, dim A), matching ``(A⊗B) vec(V) = vec(B V Aᵀ)``. Eigendecompositions of A and B
+    already at hand may be passed as ``eig_A`` / ``eig_B``.
     """
 
-    def __init__(self, A, B, C, D, sign: int = -1, name: str = "A⊗B ± C⊗D"):
+    def __init__(self, A, B, C, D, sign: int = -1, name: str = "A⊗B ± C⊗D", tol_dtype=None,
+                 eig_A: SymmetricEig | None = None, eig_B: SymmetricEig | None = None):
         if sign not in (1, -1):
             raise ValueError("sign must be +1 or -1.")
-        eA = SymmetricEig(A, f"{name}: A", check_singular=True)
-        eB = SymmetricEig(B, f"{name}: B", check_singular=True)
+        eA = eig_A or SymmetricEig(A, f"{name}: A", check_singular=True, tol_dtype=tol_dtype)
+        eB = eig_B or SymmetricEig(B, f"{name}: B", check_singular=True, tol_dtype=tol_dtype)
         Ais, Bis = eA.inv_sqrt(), eB.inv_sqrt()
         e1 = SymmetricEig(Ais @ C @ Ais)
         e2 = SymmetricEig(Bis @ D @ Bis)
@@ -65,35 +67,33 @@ class BlockDiagonalInverse(BlockOperator):
 
     def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
         self.gamma = check_gamma(gamma)
+        self._tol = torch.float64 if self.gamma > 0 else None
         sel = factors.select(layers)
         super().__init__(sel, [factors.shapes[k] for k in sel])
         self.pi = {k: factors.pi(k, pi) for k in sel}
         damped = factors.damped(self.gamma, pi)
         self.factors = damped
-        self.A_inv = [SymmetricEig(damped.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True).inv()
+        self.A_inv = [SymmetricEig(damped.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol).inv()
                       for k in sel]
-        self.G_inv = [SymmetricEig(damped.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True).inv()
+        self.G_inv = [SymmetricEig(damped.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol).inv()
                       for k in sel]
 
     def apply_block(self, i, V):
         return self.G_inv[i] @ V @ self.A_inv[i]
 
     def apply_low_rank(self, i: int, g_cols: torch.Tensor, a_rows: torch.Tensor, scale: float) -> torch.Tensor:
-
-        ``U = scale · (G⁻¹ g_cols)(a_rowsᵀ... ) = scale · (G⁻¹ g_cols)(a_rows Ā⁻¹)``."""
+        """Appendix G's low-rank trick for a gradient ``scale · g_cols a_rows`` (g_cols d×m, a_rows m×a_dim):
+        ``U = scale · (G⁻¹ g_cols)(a_rows Ā⁻¹)`` costs O(d²m) instead of O(d³)."""
         return (self.G_inv[i] @ g_cols) @ (a_rows @ self.A_inv[i]) * scale
 
     def dense_block(self, i):
         return torch.kron(self.A_inv[i], self.G_inv[i])
 
     def dense_approximation(self, max_bytes=None) -> torch.Tensor:
-        """F̆ itself: the diagonal blocks of the damped F̃."""
-        return self.factors.dense(self.layers, max_bytes=max_bytes).mul_(self._block_mask())
-
-    def _block_mask(self) -> torch.Tensor:
+        """F̆ itself: the diagonal blocks of the damped F̃ (needs no cross factors)."""
         ref = self.A_inv[0]
-        return torch.block_diag(*[torch.ones(r * c, r * c, dtype=ref.dtype, device=ref.device)
-                                  for r, c in self.shapes])
+        check_dense_fits(self.n_params, ref.dtype, ref.device, max_bytes=max_bytes, what="dense F̆")
+        return torch.block_diag(*[torch.kron(self.factors.A[k, k], self.factors.G[k, k]) for k in self.layers])
 
 
 class BlockTridiagonalInverse(BlockOperator):
@@ -106,6 +106,7 @@ class BlockTridiagonalInverse(BlockOperator):
 
     def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
         self.gamma = check_gamma(gamma)
+        self._tol = torch.float64 if self.gamma > 0 else None
         sel = factors.select(layers)
         super().__init__(sel, [factors.shapes[k] for k in sel])
         for k, l in zip(sel[:-1], sel[1:]):
@@ -117,8 +118,8 @@ class BlockTridiagonalInverse(BlockOperator):
         self.pi = {k: factors.pi(k, pi) for k in sel}
         d = factors.damped(self.gamma, pi)
         self.factors = d
-        eigA = [SymmetricEig(d.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True) for k in sel]
-        eigG = [SymmetricEig(d.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True) for k in sel]
+        eigA = [SymmetricEig(d.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol) for k in sel]
+        eigG = [SymmetricEig(d.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol) for k in sel]
         self.A_inv = [e.inv() for e in eigA]
         self.G_inv = [e.inv() for e in eigG]
         self.psi_A, self.psi_G, self.sigma_inv = [], [], []
@@ -130,7 +131,8 @@ class BlockTridiagonalInverse(BlockOperator):
             C = pA @ d.A[k, l].T
             D = pG @ d.G[k, l].T
             self.sigma_inv.append(KroneckerSumInverse(d.A[k, k], d.G[k, k], 0.5 * (C + C.T), 0.5 * (D + D.T),
-                                                      sign=-1, name=f"Σ_{{{k}|{l}}}"))
+                                                      sign=-1, name=f"Σ_{{{k}|{l}}}", tol_dtype=self._tol,
+                                                      eig_A=eigA[i], eig_B=eigG[i]))
 
     # u = Ξ v :  U_i = V_i − Ψ^G_i V_{i+1} Ψ^Āᵀ_i
     def _xi(self, V):

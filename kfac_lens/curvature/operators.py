@@ -16,26 +16,37 @@ from ..nets import mats_to_vec, vec_to_mats
 
 
 class SymmetricEig:
-    """Eigendecomposition ``M = E diag(s) Eᵀ`` of a symmetric PSD factor, with inverse and inverse root."""
+    """Eigendecomposition ``M = E diag(s) Eᵀ`` of a symmetric PSD factor, with inverse and inverse root.
 
-    def __init__(self, M: torch.Tensor, name: str = "factor", check_singular: bool = False):
-        M = 0.5 * (M + M.T)
-        s, E = torch.linalg.eigh(M)
-        self.s, self.E = s, E
+    Computed in float64 whatever M's dtype (factors of float32 models are often ill-conditioned), then
+    cast back. ``check_singular`` raises :class:`SingularFactorError` when M is not positive definite
+    to the precision of ``tol_dtype`` (default M's dtype): pass float64 when M was damped by γ > 0, so
+    that only an undamped singular factor is refused.
+    """
+
+    def __init__(self, M: torch.Tensor, name: str = "factor", check_singular: bool = False,
+                 tol_dtype: torch.dtype | None = None):
+        dtype = M.dtype
+        M64 = M.double()
+        M64 = 0.5 * (M64 + M64.T)
+        s, E = torch.linalg.eigh(M64)
         if check_singular:
-            tol = M.shape[0] * torch.finfo(M.dtype).eps * max(float(s.abs().max()), 1e-300)
+            tol = M.shape[0] * torch.finfo(tol_dtype or dtype).eps * max(float(s.abs().max()), 1e-300)
             if float(s.min()) <= tol:
                 rank = int((s > tol).sum())
                 raise SingularFactorError(
-                    f"{name} is singular (numerical rank {rank} of {M.shape[0]}), so it cannot be inverted "
-                    "at this damping. Pass gamma > 0 (factored Tikhonov damping, Appendix E.3) or use more cases."
+                    f"{name} is singular (numerical rank {rank} of {M.shape[0]} in {dtype}), so it cannot be "
+                    "inverted at this damping. Pass gamma > 0 (factored Tikhonov damping, Appendix E.3), "
+                    "a larger gamma, or use more cases."
                 )
+        self.s, self.E = s.to(dtype), E.to(dtype)
+        self._s64, self._E64 = s, E
 
     def inv(self) -> torch.Tensor:
-        return (self.E / self.s) @ self.E.T
+        return ((self._E64 / self._s64) @ self._E64.T).to(self.E.dtype)
 
     def inv_sqrt(self) -> torch.Tensor:
-        return (self.E / self.s.sqrt()) @ self.E.T
+        return ((self._E64 / self._s64.sqrt()) @ self._E64.T).to(self.E.dtype)
 
 
 class BlockOperator:

@@ -273,11 +273,12 @@ class KFAC:
     @torch.no_grad()
     def _improvement(self, delta, x, y, eta) -> float:
         h0 = self._objective(x, y, eta)
+        saved = self.view.weight_matrices()  # restore exactly: θ + δ − δ ≠ θ in floating point
         self.view.add_to_weights(delta)
         try:
             h1 = self._objective(x, y, eta)
         finally:
-            self.view.add_to_weights(delta, alpha=-1.0)
+            self.view.set_weight_matrices(saved)
         return h0 - h1
 
     def propose(self, x, y, gamma: float | None = None, *, rescale: bool = True, momentum: bool = True,
@@ -304,6 +305,38 @@ class KFAC:
         prop.improvement = self._improvement(prop.delta, ex, ey, eta)
         return prop
 
+    VARIANTS = {"re-scaled, momentum": (True, True), "re-scaled, no momentum": (True, False),
+                "raw Δ (no re-scaling)": (False, False)}
+
+    def gamma_sweep(self, x, y, gammas, *, lam: float | None = None, variants=None, eval_x=None, eval_y=None,
+                    progress: bool = False):
+        """Figure 7's data: for each γ, the improvement h(θ) − h(θ+δ) of the re-scaled update with and
+        without momentum and of the raw Δ (Appendix E.4), with the current factors, λ and δ₀.
+
+        The gradient is computed once and each γ's inverse is shared by the variants. Returns a
+        DataFrame with columns gamma, variant, improvement, M, alpha, mu.
+        """
+        import pandas as pd
+        from tqdm.auto import tqdm
+        if self.factors is None:
+            raise ValueError("gamma_sweep() needs the Kronecker factors: run at least one step() first.")
+        x, y = check_inputs(self.view, x, y, what="x")
+        ex, ey = (x, y) if eval_x is None else check_inputs(self.view, eval_x, eval_y, what="eval_x")
+        eta = float(self._h("eta"))
+        lam = self.lam if lam is None else float(lam)
+        variants = self.VARIANTS if variants is None else {v: self.VARIANTS[v] for v in variants}
+        _, grad, pieces, params = self._gradient(x, y, eta)
+        rows = []
+        for g in tqdm(list(gammas), desc="γ sweep", disable=not progress, leave=False):
+            inv = self._build_inverse(float(g))
+            Delta = self._proposal_direction(inv, grad, pieces, params, eta, x.shape[0])
+            for name, (rescale, momentum) in variants.items():
+                prop = self._combine(Delta, grad, x, lam, eta, float(g), rescale, momentum)
+                rows.append({"gamma": float(g), "variant": name,
+                             "improvement": self._improvement(prop.delta, ex, ey, eta),
+                             "M": prop.M, "alpha": prop.alpha, "mu": prop.mu})
+        return pd.DataFrame(rows)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: factors, the inverse's source, λ, γ, δ₀, k, RNG."""
@@ -311,7 +344,8 @@ class KFAC:
         if self._inverse_source is not None:
             src = {"factors": self._inverse_source[0].state_dict(), "gamma": self._inverse_source[1]}
         return {"k": self.k, "lambda": self.lam, "gamma": self.gamma, "inverse_kind": self.inverse_kind,
-                "factors": None if self.factors is None else self.factors.state_dict(),
+                # A snapshot: the live factors are updated in place (EMA), so hand out copies.
+                "factors": None if self.factors is None else self.factors.clone().state_dict(),
                 "inverse_source": src,
                 "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
                 "generator": self.generator.get_state()}
@@ -323,7 +357,7 @@ class KFAC:
         dev, dt = self.view.device, self.view.dtype
         self.k, self.lam, self.gamma = int(sd["k"]), float(sd["lambda"]), float(sd["gamma"])
         self.factors = None if sd["factors"] is None else \
-            KroneckerFactors.from_state_dict(sd["factors"]).to(device=dev, dtype=dt)
+            KroneckerFactors.from_state_dict(sd["factors"]).to(device=dev, dtype=dt).clone()  # own copy: EMA is in place
         self.delta0 = None if sd["delta0"] is None else [d.to(device=dev, dtype=dt) for d in sd["delta0"]]
         if sd["inverse_source"] is None:
             self.inverse, self._inverse_source = None, None
