@@ -148,8 +148,8 @@ def _linearized_module(mod: nn.Module, a: torch.Tensor, da: torch.Tensor | None)
         return y, (da if deriv is None else da * deriv(a, y))
     if da is None:
         return mod(a), None
-    y, lin = torch.func.linearize(mod, a)
-    return y, torch.stack([lin(t) for t in da])
+    outs = [jvp(mod, (a,), (t,)) for t in da]
+    return outs[0][0], torch.stack([o[1] for o in outs])
 
 
 @torch.no_grad()

@@ -44,11 +44,11 @@ class _TorchBaseline:
         z = self.model(x)
         loss = self.likelihood.nll(z, self.likelihood.check_targets(z.detach(), y))
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss is {float(loss)} at iteration {self.k}; lower the learning rate. "
-                                 "The last good checkpoint is kept.")
+            raise NonFiniteError(f"the loss is {float(loss.detach())} at iteration {self.k}; lower the learning "
+                                 "rate. The last good checkpoint is kept.")
         loss.backward()
         self.opt.step()
-        out = {"iteration": self.k, "loss": float(loss), "batch_size": x.shape[0],
+        out = {"iteration": self.k, "loss": float(loss.detach()), "batch_size": x.shape[0],
                "step_time": time.perf_counter() - t0, **extra}
         self.k += 1
         return out
@@ -67,7 +67,7 @@ class SGDNesterov(_TorchBaseline):
     name = "SGD-Nesterov"
 
     def __init__(self, model, likelihood, lr=0.01, momentum=None, mu_max=0.99, eta=1e-5):
-        if not lr > 0:
+        if not float(resolve(lr, 1)) > 0:  # lr may be a callable of k (resolved in _before_step)
             raise ValueError(f"lr must be positive, got {lr}.")
         self.lr = lr
         self.momentum = momentum if momentum is not None else (lambda k: sutskever_momentum(k, mu_max))

@@ -129,6 +129,10 @@ class KFAC:
             t = float(self._h(n, k))
             if not 0 < t <= 1:
                 raise ValueError(f"{n} must lie in (0, 1], got {t}.")
+        for n in ("omega1", "omega2"):
+            w = float(self._h(n, k))
+            if not 0 < w < 1:
+                raise ValueError(f"{n} must lie in (0, 1), got {w}.")
         if float(self._h("eta", k)) < 0:
             raise ValueError("eta must be ≥ 0.")
         pi = self._h("pi", k)
@@ -161,7 +165,7 @@ class KFAC:
         loss = self.likelihood.nll(z, y)
         if not torch.isfinite(loss):
             raise NonFiniteError(
-                f"the loss is {float(loss)} at iteration {self.k}; training has diverged. Lower lambda's "
+                f"the loss is {float(loss.detach())} at iteration {self.k}; training has diverged. Lower lambda's "
                 "decay (omega1 closer to 1), raise lambda_init or check the data. The last good checkpoint is kept."
             )
         gs = torch.autograd.grad(loss, [s[k] for k in self.layers])
@@ -309,12 +313,14 @@ class KFAC:
                 "raw Δ (no re-scaling)": (False, False)}
 
     def gamma_sweep(self, x, y, gammas, *, lam: float | None = None, variants=None, eval_x=None, eval_y=None,
-                    progress: bool = False):
+                    progress: bool = False, cache: dict | None = None):
         """Figure 7's data: for each γ, the improvement h(θ) − h(θ+δ) of the re-scaled update with and
         without momentum and of the raw Δ (Appendix E.4), with the current factors, λ and δ₀.
 
-        The gradient is computed once and each γ's inverse is shared by the variants. Returns a
-        DataFrame with columns gamma, variant, improvement, M, alpha, mu.
+        The gradient is computed once and each γ's inverse is shared by the variants. ``cache`` (a dict
+        you keep between calls on the same x, y) stores the gradient and each γ's Δ, so that a later
+        sweep with another λ or γ grid only recomputes what changed. Returns a DataFrame with columns
+        gamma, variant, improvement, M, alpha, mu.
         """
         import pandas as pd
         from tqdm.auto import tqdm
@@ -325,11 +331,17 @@ class KFAC:
         eta = float(self._h("eta"))
         lam = self.lam if lam is None else float(lam)
         variants = self.VARIANTS if variants is None else {v: self.VARIANTS[v] for v in variants}
-        _, grad, pieces, params = self._gradient(x, y, eta)
+        cache = {} if cache is None else cache
+        if "grad" not in cache:
+            cache["grad"] = self._gradient(x, y, eta)[1:]
+        grad, pieces, params = cache["grad"]
         rows = []
         for g in tqdm(list(gammas), desc="γ sweep", disable=not progress, leave=False):
-            inv = self._build_inverse(float(g))
-            Delta = self._proposal_direction(inv, grad, pieces, params, eta, x.shape[0])
+            key = ("Delta", float(g))
+            if key not in cache:
+                inv = self._build_inverse(float(g))
+                cache[key] = self._proposal_direction(inv, grad, pieces, params, eta, x.shape[0])
+            Delta = cache[key]
             for name, (rescale, momentum) in variants.items():
                 prop = self._combine(Delta, grad, x, lam, eta, float(g), rescale, momentum)
                 rows.append({"gamma": float(g), "variant": name,
@@ -357,7 +369,7 @@ class KFAC:
         dev, dt = self.view.device, self.view.dtype
         self.k, self.lam, self.gamma = int(sd["k"]), float(sd["lambda"]), float(sd["gamma"])
         self.factors = None if sd["factors"] is None else \
-            KroneckerFactors.from_state_dict(sd["factors"]).to(device=dev, dtype=dt).clone()  # own copy: EMA is in place
+            KroneckerFactors.from_state_dict(sd["factors"]).to(device=dev, dtype=dt).clone()  # EMA is in place
         self.delta0 = None if sd["delta0"] is None else [d.to(device=dev, dtype=dt) for d in sd["delta0"]]
         if sd["inverse_source"] is None:
             self.inverse, self._inverse_source = None, None

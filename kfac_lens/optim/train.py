@@ -68,6 +68,15 @@ def load_checkpoint(path, map_location=None) -> dict:
         raise ValueError(f"checkpoint {path} cannot be read ({exc}); delete it and train again.") from exc
 
 
+def _check_parameters(model, it: int, checkpoint) -> None:
+    """Raise NonFiniteError when a parameter is NaN/Inf, so that such a state is never checkpointed."""
+    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    where = f" The last good checkpoint is {checkpoint}." if checkpoint else ""
+    raise NonFiniteError(f"the parameters contain NaN or Inf after iteration {it}; training has "
+                         f"diverged.{where}")
+
+
 def _batch_schedule(batch_size, n: int) -> Callable[[int], int]:
     if batch_size == "exponential":
         return exponential_batch_sizes(min(1000, n), n)
@@ -127,6 +136,7 @@ def train(model, optimizer, X, y, iterations: int, *, batch_size=1000, eval_X=No
             where = f" The last good checkpoint is {checkpoint}." if checkpoint else ""
             raise NonFiniteError(f"{exc}{where}") from exc
         elapsed += time.perf_counter() - t0
+        _check_parameters(model, it, checkpoint)  # the loss is checked before the update, θ after it
         row = {**stats, "iteration": it, "time": elapsed}
         if it % eval_every == 0 or it == iterations or it == 1:
             ev = evaluate(model, lik, eval_X, eval_y)
@@ -137,6 +147,7 @@ def train(model, optimizer, X, y, iterations: int, *, batch_size=1000, eval_X=No
         if callback is not None:
             callback(it, row)
         if checkpoint is not None and (it % checkpoint_every == 0 or it == iterations):
+            _check_parameters(model, it, checkpoint)  # (again: the callback may have changed them)
             save_checkpoint(checkpoint, snapshot(it))
         if time_limit is not None and elapsed >= time_limit:
             break
