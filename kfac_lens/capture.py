@@ -74,6 +74,11 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torc
         )
     if X.shape[0] == 0:
         raise ValueError(f"{what} holds no cases (N = 0).")
+    bad = [k for k, L in enumerate(view.layers)
+           if not all(bool(torch.isfinite(p).all()) for p in L.module.parameters())]
+    if bad:
+        raise NonFiniteError(f"the weights of layer(s) {bad} contain NaN or Inf; reload a good checkpoint "
+                             "or re-initialise the model.")
     X = X.to(device=view.device, dtype=view.dtype)
     if not torch.isfinite(X).all():
         raise NonFiniteError(f"{what} contains NaN or Inf; clean or drop those cases first.")
@@ -122,6 +127,9 @@ def forward(view: NetworkView, X: torch.Tensor, layers: Sequence[int], *, track:
                 inp = torch.cat([inp, torch.ones_like(inp[:, :1])], dim=1)
             a[k] = inp
             s[k] = output
+            # Hand the rest of the network a copy: an in-place module after the layer (ReLU(inplace=True))
+            # would otherwise overwrite s_k, and autograd would then give ∂L/∂φ(s_k) instead of ∂L/∂s_k.
+            return output.clone() if track else None
         return fn
 
     for k in wanted:
@@ -159,7 +167,7 @@ def output_directions(likelihood: Likelihood, z: torch.Tensor, estimator: str, y
     if estimator == "exact":
         return likelihood.fisher_sqrt(zd), 1.0
     if estimator == "mc":
-        V = torch.stack([likelihood.grad_z(zd, likelihood.sample(zd, generator)) for _ in range(samples)])
+        V = torch.stack([likelihood.grad_z(zd, likelihood.sample(zd, generator)) for _ in range(int(samples))])
         return V, 1.0 / samples
     if estimator == "empirical":
         if y is None:

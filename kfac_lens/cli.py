@@ -1,2 +1,148 @@
-def main():
-    pass
+"""``kfac-lens`` command line: ``figures`` (the main job), ``train`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+FIGURES = ("5", "6", "7", "exact", "inverse", "cumulants", "training")
+
+
+def _device(name: str | None):
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("kfac-lens: --device cuda was asked for but torch sees no CUDA device "
+                         "(install a CUDA build of torch first, or use --device cpu).")
+    return torch.device(name)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_figures(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from . import figures as F
+    from . import zoo
+    from .data import DataUnavailableError
+
+    t_start = time.perf_counter()
+    device = _device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = list(dict.fromkeys(args.fig or FIGURES))
+    progress = not args.quiet
+    written, metrics = [], []
+
+    def save(fig, df, name, figure_id):
+        path = out / f"{name}.png"
+        F.save_figure(fig, path)
+        written.append(path)
+        metrics.append(df.assign(figure=figure_id))
+        _say(f"  wrote {path}", args.quiet)
+
+    try:
+        needs_example = any(f in wanted for f in ("5", "6", "exact", "inverse", "cumulants"))
+        if needs_example:
+            _say(f"example network ({args.data}, preset {args.preset}) on {device}", args.quiet)
+            ex = zoo.example_network(args.preset, args.data, device=device, progress=progress,
+                                     retrain=args.retrain)
+            _say(f"  {ex}", args.quiet)
+            n_cases = zoo.EXAMPLE_ANALYSIS_CASES[args.preset]
+            X, y = ex.X[:n_cases], ex.y[:n_cases]
+            study = F.CurvatureStudy(ex.model, X, y, "categorical", layers=[1, 2, 3, 4])
+            if "5" in wanted:
+                save(*F.figure5(study), "figure5", "5")
+            if "6" in wanted:
+                gamma = args.gamma if args.gamma is not None else ex.gamma
+                save(*F.figure6(study, gamma), "figure6", "6")
+            if "exact" in wanted:
+                save(*F.figure_exact_vs_kfac(study), "figure_exact_vs_kfac", "exact")
+            if "inverse" in wanted:
+                gamma = args.gamma if args.gamma is not None else ex.gamma
+                save(*F.figure_inverse_structure(study, gamma), "figure_inverse_structure", "inverse")
+            if "cumulants" in wanted:
+                save(*F.figure_cumulants(ex.model, X, "categorical", 2, 3), "figure_cumulants", "cumulants")
+        if "7" in wanted:
+            _say(f"autoencoder ({args.data}, preset {args.preset}) on {device}", args.quiet)
+            ae = zoo.autoencoder(args.preset, args.data, device=device, progress=progress, retrain=args.retrain)
+            _say(f"  {ae}", args.quiet)
+            save(*F.figure7(ae.optimizer, ae.X, ae.y, progress=progress), "figure7", "7")
+        if "training" in wanted:
+            _say(f"training comparison ({args.data}, preset {args.preset}) on {device}", args.quiet)
+            hist = zoo.training_comparison(args.preset, args.data, device=device, progress=progress,
+                                           retrain=args.retrain)
+            save(*F.figure_training_curves(hist), "figure_training", "training")
+    except DataUnavailableError as exc:
+        print(f"kfac-lens: {exc}\nkfac-lens: to run offline, use --data digits.", file=sys.stderr)
+        return 2
+    if metrics:
+        path = out / "metrics.csv"
+        pd.concat(metrics, ignore_index=True, sort=False).to_csv(path, index=False)
+        written.append(path)
+    print(f"kfac-lens figures: wrote {len(written)} files to {out.resolve()} "
+          f"in {time.perf_counter() - t_start:.0f} s:")
+    for p in written:
+        print(f"  {p}")
+    return 0
+
+
+def run_train(args) -> int:
+    from . import zoo
+    device = _device(args.device)
+    if args.what == "example":
+        e = zoo.example_network(args.preset, args.data, device=device, retrain=args.retrain)
+    elif args.what == "autoencoder":
+        e = zoo.autoencoder(args.preset, args.data, device=device, retrain=args.retrain)
+    else:
+        hist = zoo.training_comparison(args.preset, args.data, device=device, retrain=args.retrain)
+        for name, h in hist.items():
+            err = h["error"].dropna()
+            print(f"{name:>26}: {len(h)} iterations, {h['time'].iloc[-1]:.1f} s, final error {err.iloc[-1]:.4g}")
+        return 0
+    print(e)
+    print(f"cached at {e.path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kfac-lens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("figures", help="regenerate the paper's Figures 5-7 and companion views")
+    f.add_argument("--fig", nargs="+", choices=FIGURES, help="which figures (default: all)")
+    f.add_argument("--preset", choices=("quick", "paper"), default="quick")
+    f.add_argument("--data", choices=("mnist", "digits"), default="mnist")
+    f.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    f.add_argument("--out", default="figures")
+    f.add_argument("--gamma", type=float, default=None, help="override the γ of Figure 6 (default: K-FAC's)")
+    f.add_argument("--retrain", action="store_true", help="ignore cached zoo networks")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=run_figures)
+
+    t = sub.add_parser("train", help="train (or load from cache) a zoo network")
+    t.add_argument("what", choices=("example", "autoencoder", "comparison"))
+    t.add_argument("--preset", choices=("quick", "paper"), default="quick")
+    t.add_argument("--data", choices=("mnist", "digits"), default="mnist")
+    t.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    t.add_argument("--retrain", action="store_true")
+    t.set_defaults(func=run_train)
+
+    b = sub.add_parser("bench", help="benchmarks that print ratio tables", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: __import__("kfac_lens.bench", fromlist=["main"]).main(a.rest))
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,9 @@ EXAMPLE_PRESETS = {
     "paper": dict(n_train=50000, max_iterations=2000, target_error=0.05, lambda_init=1.0, eta=0.0),
 }
 
+# Cases of the training set on which the figures compute F, F̃ and their inverses exactly.
+EXAMPLE_ANALYSIS_CASES = {"quick": 50000, "paper": 50000}
+
 AUTOENCODER_PRESETS = {
     # The paper: 784-1000-500-250-30-250-500-1000-784, 50k MNIST cases (the pickle's training split),
     # exponential batch schedule from m₁ = 1000 reaching |S| at k = 500, captured at k = 500.

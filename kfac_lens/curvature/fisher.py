@@ -192,9 +192,16 @@ def jacobian_products(model, X, vectors: Sequence, layers=None, *, checked: bool
     return z.detach(), list(da)
 
 
-def fisher_gram(model, X, likelihood, vectors: Sequence, layers=None, *, checked: bool = False) -> torch.Tensor:
-    """Gram matrix ``[v_iᵀ F v_j]`` of the exact Fisher on (X), from J-products only (Appendix J)."""
+def fisher_gram(model, X, likelihood, vectors: Sequence, layers=None, *, checked: bool = False,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gram matrix ``[v_iᵀ F v_j]`` of the exact Fisher on (X), from J-products only (Appendix J).
+
+    Runs in the model's dtype unless ``dtype`` is given (e.g. torch.float64 for analysis).
+    """
     lik = get_likelihood(likelihood)
+    if dtype is not None:
+        model = analysis_view(model, dtype)
+        checked = False
     z, Jvs = jacobian_products(model, X, vectors, layers, checked=checked)
     n = len(Jvs)
     out = torch.empty(n, n, dtype=z.dtype, device=z.device)

@@ -134,7 +134,7 @@ def train(model, optimizer, X, y, iterations: int, *, batch_size=1000, eval_X=No
             stats = optimizer.step(X[idx], y[idx])
         except NonFiniteError as exc:
             where = f" The last good checkpoint is {checkpoint}." if checkpoint else ""
-            raise NonFiniteError(f"{exc}{where}") from exc
+            raise NonFiniteError(f"iteration {it} stopped: {exc}{where}") from exc
         elapsed += time.perf_counter() - t0
         _check_parameters(model, it, checkpoint)  # the loss is checked before the update, θ after it
         row = {**stats, "iteration": it, "time": elapsed}

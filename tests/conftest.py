@@ -1,0 +1,25 @@
+"""Shared test configuration for the core tests: the devices they run on, and a one-thread CPU setting.
+
+The core tests use tiny tensors; with several intra-op threads on a busy machine every small op pays a
+thread-synchronisation cost far larger than its work, so those tests run single-threaded.
+"""
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each test that takes ``device`` runs on the CPU and, when present, on CUDA."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module of tiny-tensor tests with one intra-op thread; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,440 @@
+"""An independent dense float64 oracle for the curvature core, written straight from MATH.md.
+
+It shares no code with ``kfac_lens``: it reads the weights of the ``nn.Linear`` modules directly and
+builds everything from definitions, with explicit loops, ``torch.autograd.functional`` Jacobians and
+Hessians, explicit ``torch.kron`` and explicit ``torch.linalg.inv``. It is slow on purpose and only meant
+for tiny networks (P up to a few hundred).
+
+Conventions (MATH.md §1): layers are 0-based indices of the model's ``nn.Linear`` modules;
+``W_k = [weight, bias]`` (bias as last column, absent for ``bias=False``); ``vec(W) = W.T.reshape(-1)``
+so ``W[r, c]`` sits at offset ``c·d_out + r``; θ stacks the vec's of the selected layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+from torch.autograd.functional import hessian, jacobian
+
+FAMILIES = ("categorical", "bernoulli", "gaussian")
+
+
+# ----------------------------------------------------------------------------------------- network walk
+def modules(model: nn.Module) -> list[nn.Module]:
+    """The leaf modules of a (possibly nested) nn.Sequential, in call order."""
+    out = []
+    for child in model.children():
+        out.extend(modules(child) if isinstance(child, nn.Sequential) else [child])
+    return out
+
+
+def linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in modules(model) if isinstance(m, nn.Linear)]
+
+
+def all_layers(model, layers=None) -> list[int]:
+    return list(range(len(linears(model)))) if layers is None else list(layers)
+
+
+def W_of(lin: nn.Linear) -> torch.Tensor:
+    """W = [weight, bias] (bias as last column), as float64 on the CPU."""
+    w = lin.weight.detach().to("cpu", torch.float64)
+    if lin.bias is None:
+        return w.clone()
+    return torch.cat([w, lin.bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
+
+
+def vec(W: torch.Tensor) -> torch.Tensor:
+    """Column-major vec: W[r, c] → offset c·rows + r."""
+    return W.T.reshape(-1)
+
+
+def unvec(v: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return v.reshape(cols, rows).T
+
+
+def shapes(model, layers=None) -> list[tuple[int, int]]:
+    lins = linears(model)
+    return [tuple(W_of(lins[k]).shape) for k in all_layers(model, layers)]
+
+
+def sizes(model, layers=None) -> list[int]:
+    return [r * c for r, c in shapes(model, layers)]
+
+
+def offsets(szs) -> list[int]:
+    out = [0]
+    for s in szs:
+        out.append(out[-1] + s)
+    return out
+
+
+def theta(model, layers=None) -> torch.Tensor:
+    lins = linears(model)
+    return torch.cat([vec(W_of(lins[k])) for k in all_layers(model, layers)])
+
+
+def _abar(h: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    if lin.bias is None:
+        return h
+    return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+
+
+def forward(model, X: torch.Tensor, th: torch.Tensor | None = None, layers=None, record: bool = False):
+    """z = f(X; θ): walk the modules, Linear k computes ``s = ā W_kᵀ`` with W_k from θ when k is selected.
+
+    With ``record`` also returns the lists (ā_k, s_k) over all Linear layers. Parameter-free modules are
+    applied as they are, to a copy of their input.
+    """
+    sel = all_layers(model, layers)
+    lins = linears(model)
+    Ws = {}
+    if th is not None:
+        offs = offsets([r * c for r, c in shapes(model, sel)])
+        for i, k in enumerate(sel):
+            r, c = W_of(lins[k]).shape
+            Ws[k] = unvec(th[offs[i]:offs[i + 1]], r, c)
+    h = X
+    abars, ss = [], []
+    k = 0
+    for m in modules(model):
+        if isinstance(m, nn.Linear):
+            W = Ws.get(k, W_of(m))
+            ab = _abar(h, m)
+            h = ab @ W.T
+            abars.append(ab)
+            ss.append(h)
+            k += 1
+        else:
+            h = m(h.clone())  # a clone: in-place modules (ReLU(inplace=True)) must not touch s
+    return (h, abars, ss) if record else h
+
+
+def forward_from(model, k: int, s: torch.Tensor) -> torch.Tensor:
+    """Continue the forward pass from the output s of Linear k (weights from the modules)."""
+    mods = modules(model)
+    idx = [i for i, m in enumerate(mods) if isinstance(m, nn.Linear)][k]
+    h = s
+    for m in mods[idx + 1:]:
+        if isinstance(m, nn.Linear):
+            h = _abar(h, m) @ W_of(m).T
+        else:
+            h = m(h.clone())  # a clone: in-place modules (ReLU(inplace=True)) must not touch s
+    return h
+
+
+# ----------------------------------------------------------------------------------------- likelihoods
+def loss(family: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L(y, z) = −log r(y|z) of one case (z of shape (C,))."""
+    if family == "categorical":
+        return -torch.log_softmax(z, dim=0)[int(y)]
+    if family == "bernoulli":
+        return -(y * nn.functional.logsigmoid(z) + (1 - y) * nn.functional.logsigmoid(-z)).sum()
+    if family == "gaussian":
+        return 0.5 * ((z - y) ** 2).sum()
+    raise KeyError(family)
+
+
+def output_fisher(family: str, z: torch.Tensor) -> torch.Tensor:
+    """F_R(z) of one case (MATH.md §2 table)."""
+    C = z.shape[0]
+    if family == "categorical":
+        p = torch.softmax(z, dim=0)
+        return torch.diag(p) - torch.outer(p, p)
+    if family == "bernoulli":
+        p = torch.sigmoid(z)
+        return torch.diag(p * (1 - p))
+    if family == "gaussian":
+        return torch.eye(C, dtype=z.dtype)
+    raise KeyError(family)
+
+
+def random_targets(family: str, N: int, C: int, gen: torch.Generator) -> torch.Tensor:
+    if family == "categorical":
+        return torch.randint(0, C, (N,), generator=gen)
+    if family == "bernoulli":
+        return (torch.rand(N, C, generator=gen, dtype=torch.float64) < 0.5).to(torch.float64)
+    return torch.randn(N, C, generator=gen, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------- Fisher matrices
+def jacobians(model, X, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, J) with J[n] = ∂z_n/∂θ of shape (C, P), one per case."""
+    th = theta(model, layers)
+    X = X.to(torch.float64)
+    Js = []
+    zs = []
+    for n in range(X.shape[0]):
+        xn = X[n:n + 1]
+        Js.append(jacobian(lambda t, xn=xn: forward(model, xn, t, layers)[0], th))
+        zs.append(forward(model, xn)[0])
+    return torch.stack(zs), torch.stack(Js)
+
+
+def exact_fisher(model, X, family, layers=None) -> torch.Tensor:
+    """F = (1/N) Σ_n J_nᵀ F_R(z_n) J_n."""
+    z, J = jacobians(model, X, layers)
+    F = sum(J[n].T @ output_fisher(family, z[n]) @ J[n] for n in range(J.shape[0]))
+    return F / J.shape[0]
+
+
+def ggn(model, X, y, family, layers=None) -> torch.Tensor:
+    """Jᵀ H_L J with H_L = ∂²L(y_n, z)/∂z² from torch.autograd.functional.hessian, averaged over cases."""
+    z, J = jacobians(model, X, layers)
+    out = 0
+    for n in range(J.shape[0]):
+        H = hessian(lambda zz, yn=y[n]: loss(family, zz, yn), z[n])
+        out = out + J[n].T @ H @ J[n]
+    return out / J.shape[0]
+
+
+def label_gradients(model, X, y, family, layers=None) -> torch.Tensor:
+    """Per-case gradients ∂L(y_n, f(x_n, θ))/∂θ, shape (N, P), in the oracle layout."""
+    X = X.to(torch.float64)
+    rows = []
+    for n in range(X.shape[0]):
+        th = theta(model, layers).requires_grad_(True)
+        L = loss(family, forward(model, X[n:n + 1], th, layers)[0], y[n])
+        (g,) = torch.autograd.grad(L, th)
+        rows.append(g)
+    return torch.stack(rows)
+
+
+def empirical_fisher(model, X, y, family, layers=None) -> torch.Tensor:
+    G = label_gradients(model, X, y, family, layers)
+    return sum(torch.outer(g, g) for g in G) / G.shape[0]
+
+
+# ----------------------------------------------------------------------------------------- per-case ā, g
+def per_case(model, X):
+    """Per case n: z_n, the list ā_k (a_dim_k,) and the list J_k = ∂z_n/∂s_k (C, d_k), all layers."""
+    X = X.to(torch.float64)
+    out = []
+    for n in range(X.shape[0]):
+        z, abars, ss = forward(model, X[n:n + 1], record=True)
+        Jk = [jacobian(lambda s, k=k: forward_from(model, k, s[None])[0], ss[k][0].detach())
+              for k in range(len(ss))]
+        out.append((z[0].detach(), [a[0].detach() for a in abars], Jk))
+    return out
+
+
+def kronecker_factors(model, X, family, layers=None, y=None):
+    """A[k, l] = (1/N) Σ_n ā_k ā_lᵀ and G[k, l] = (1/N) Σ_n E_y[g_k g_lᵀ] for all pairs of ``layers``.
+
+    Exact expectation over y: ``E_y[g_k g_lᵀ] = J_kᵀ F_R(z) J_l`` (g_k = J_kᵀ ∇_z L). With ``y`` given
+    the empirical version ``g_k g_lᵀ`` with the training label's ∇_z L.
+    """
+    sel = all_layers(model, layers)
+    cases = per_case(model, X)
+    N = len(cases)
+    A, G = {}, {}
+    for k in sel:
+        for l in sel:
+            A[k, l] = sum(torch.outer(a[k], a[l]) for _, a, _ in cases) / N
+            Gs = 0
+            for n, (z, _, J) in enumerate(cases):
+                if y is None:
+                    Gs = Gs + J[k].T @ output_fisher(family, z) @ J[l]
+                else:
+                    zz = z.clone().requires_grad_(True)
+                    (r,) = torch.autograd.grad(loss(family, zz, y[n]), zz)
+                    Gs = Gs + torch.outer(J[k].T @ r, J[l].T @ r)
+            G[k, l] = Gs / N
+    return A, G
+
+
+def kfac_dense(A, G, layers) -> torch.Tensor:
+    """F̃ with block (k, l) = kron(A[k, l], G[k, l])."""
+    return torch.cat([torch.cat([torch.kron(A[k, l], G[k, l]) for l in layers], 1) for k in layers], 0)
+
+
+def damp(A, G, layers, gamma, pi="trace"):
+    """MATH.md §4: Ā_kk + π γ I and G_kk + (γ/π) I; cross factors unchanged."""
+    A, G = dict(A), dict(G)
+    pis = {}
+    for k in layers:
+        Akk, Gkk = A[k, k], G[k, k]
+        if pi == "trace":
+            p = math.sqrt((torch.trace(Akk).item() / Akk.shape[0]) / (torch.trace(Gkk).item() / Gkk.shape[0]))
+        else:
+            p = float(pi)
+        pis[k] = p
+        A[k, k] = Akk + p * gamma * torch.eye(Akk.shape[0], dtype=Akk.dtype)
+        G[k, k] = Gkk + gamma / p * torch.eye(Gkk.shape[0], dtype=Gkk.dtype)
+    return A, G, pis
+
+
+def blockdiag_inverse(Ad, Gd, layers) -> torch.Tensor:
+    """F̆⁻¹ = diag(inv(Ā_kk ⊗ G_kk)) of damped factors."""
+    return torch.block_diag(*[torch.linalg.inv(torch.kron(Ad[k, k], Gd[k, k])) for k in layers])
+
+
+def tridiag_parts(Ad, Gd, layers):
+    """Ψ_{i,i+1} = F̃_{i,i+1} F̃_{i+1,i+1}⁻¹ and Σ_{i|i+1}, all from explicit Kronecker products."""
+    Ft = {(k, l): torch.kron(Ad[k, l], Gd[k, l]) for k in layers for l in layers}
+    psis, sigmas = [], []
+    for k, l in itertools.pairwise(layers):
+        psi = Ft[k, l] @ torch.linalg.inv(Ft[l, l])
+        psis.append(psi)
+        sigmas.append(Ft[k, k] - psi @ Ft[l, l] @ psi.T)
+    sigmas.append(Ft[layers[-1], layers[-1]])
+    return psis, sigmas
+
+
+def tridiag_inverse(Ad, Gd, layers) -> torch.Tensor:
+    """F̂⁻¹ = Ξᵀ Λ Ξ (MATH.md §5), Λ = diag(inv(Σ_{i|i+1}), …, inv(Σ_ℓ)), Ξ = I − Ψ on the super-diagonal."""
+    psis, sigmas = tridiag_parts(Ad, Gd, layers)
+    szs = [s.shape[0] for s in sigmas]
+    offs = offsets(szs)
+    P = offs[-1]
+    Xi = torch.eye(P, dtype=torch.float64)
+    for i, psi in enumerate(psis):
+        Xi[offs[i]:offs[i + 1], offs[i + 1]:offs[i + 2]] = -psi
+    Lam = torch.block_diag(*[torch.linalg.inv(S) for S in sigmas])
+    return Xi.T @ Lam @ Xi
+
+
+def exact_tikhonov_inverse(A, G, layers, xi) -> torch.Tensor:
+    """diag((Ā_kk ⊗ G_kk + ξ I)⁻¹) of the undamped factors."""
+    blocks = []
+    for k in layers:
+        K = torch.kron(A[k, k], G[k, k])
+        blocks.append(torch.linalg.inv(K + xi * torch.eye(K.shape[0], dtype=K.dtype)))
+    return torch.block_diag(*blocks)
+
+
+# ----------------------------------------------------------------------------------------- cumulants
+def set_partitions(items: list) -> list[list[list]]:
+    """All set partitions of ``items`` (Bell number many: 2 for 2 items, 5 for 3, 15 for 4)."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for p in set_partitions(rest):
+        out.append([[first]] + p)
+        for i in range(len(p)):
+            out.append(p[:i] + [[first] + p[i]] + p[i + 1:])
+    return out
+
+
+def moment(w: torch.Tensor, variables: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """E[Π X_v] over weighted rows, as a tensor over the variables' index letters."""
+    eq = "r," + ",".join("r" + letter for letter, _ in variables) + "->" + "".join(lt for lt, _ in variables)
+    return torch.einsum(eq, w, *[x for _, x in variables])
+
+
+def joint_cumulant(w: torch.Tensor, variables: list[tuple[str, torch.Tensor]], out: str):
+    """κ(X_1..X_n) = Σ_π (|π|−1)! (−1)^{|π|−1} Π_{B∈π} E[Π_{v∈B} X_v]; returns (tensor over ``out``, #terms)."""
+    parts = set_partitions(list(range(len(variables))))
+    total = 0
+    for part in parts:
+        coef = (-1) ** (len(part) - 1) * math.factorial(len(part) - 1)
+        factors = [("".join(variables[v][0] for v in B), moment(w, [variables[v] for v in B])) for B in part]
+        prod = torch.einsum(",".join(lt for lt, _ in factors) + "->" + out, *[t for _, t in factors])
+        total = total + coef * prod
+    return total, len(parts)
+
+
+def _bernoulli_outcomes(C: int) -> torch.Tensor:
+    return torch.tensor([[(b >> c) & 1 for c in range(C)] for b in range(2 ** C)], dtype=torch.float64)
+
+
+def cumulant_rows(model, X, family, k, l, y=None):
+    """Rows (weight w, ā_k, g_k, ā_l, g_l) enumerating (case, y) exactly (categorical: every class weighted by
+    p; Bernoulli: every binary vector weighted by its probability), or the training targets when ``y`` is given."""
+    cases = per_case(model, X)
+    N = len(cases)
+    W, ak, gk, al, gl = [], [], [], [], []
+    for n, (z, a, J) in enumerate(cases):
+        if y is not None:
+            outcomes = [(y[n], 1.0)]
+        elif family == "categorical":
+            p = torch.softmax(z, 0)
+            outcomes = [(torch.tensor(c), float(p[c])) for c in range(z.shape[0])]
+        elif family == "bernoulli":
+            p = torch.sigmoid(z)
+            outcomes = [(yy, float(torch.prod(torch.where(yy > 0, p, 1 - p))))
+                        for yy in _bernoulli_outcomes(z.shape[0])]
+        else:
+            raise ValueError("no exact enumeration over y for a Gaussian")
+        for yy, weight in outcomes:
+            zz = z.clone().requires_grad_(True)
+            (r,) = torch.autograd.grad(loss(family, zz, yy), zz)
+            W.append(weight / N)
+            ak.append(a[k])
+            gk.append(J[k].T @ r)
+            al.append(a[l])
+            gl.append(J[l].T @ r)
+    return (torch.tensor(W, dtype=torch.float64), torch.stack(ak), torch.stack(gk),
+            torch.stack(al), torch.stack(gl))
+
+
+def cumulant_terms(model, X, family, k, l, y=None) -> dict[str, torch.Tensor]:
+    """Appendix B terms of block (k, l), each indexed [k1, k2, k3, k4] (ā(1), g(1), ā(2), g(2))."""
+    w, a1, g1, a2, g2 = cumulant_rows(model, X, family, k, l, y)
+    I_, J_, M_, N_ = ("i", a1), ("j", g1), ("m", a2), ("n", g2)
+    diff = moment(w, [I_, J_, M_, N_]) - torch.einsum("im,jn->ijmn", moment(w, [I_, M_]), moment(w, [J_, N_]))
+    k4, n4 = joint_cumulant(w, [I_, J_, M_, N_], "ijmn")
+    k3_a2, n3 = joint_cumulant(w, [M_, J_, N_], "mjn")
+    k3_a1, _ = joint_cumulant(w, [I_, J_, N_], "ijn")
+    k1_a1, n1 = joint_cumulant(w, [I_], "i")
+    k1_a2, _ = joint_cumulant(w, [M_], "m")
+    assert (n4, n3, n1) == (15, 5, 1)
+    return {
+        "difference": diff,
+        "kappa4": k4,
+        "mean_a1_kappa3": torch.einsum("i,mjn->ijmn", k1_a1, k3_a2),
+        "mean_a2_kappa3": torch.einsum("m,ijn->ijmn", k1_a2, k3_a1),
+    }
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖_F / ‖b‖_F (both moved to float64 CPU)."""
+    a = a.detach().to("cpu", torch.float64)
+    b = b.detach().to("cpu", torch.float64)
+    nb = float(b.norm())
+    return float((a - b).norm()) / (nb if nb > 0 else 1.0)
+
+
+def block(M: torch.Tensor, szs, i: int, j: int) -> torch.Tensor:
+    o = offsets(szs)
+    return M[o[i]:o[i + 1], o[j]:o[j + 1]]
+
+
+# ----------------------------------------------------------------------------------------- test problems
+def make_net(kind: str, seed: int = 0, scale: float = 1.5) -> nn.Sequential:
+    """Small float64 networks with uneven widths (weights scaled up a little for non-trivial curvature).
+
+    - ``d2``: 4-6-3, ReLU;
+    - ``d3``: 5-7-3-4, Tanh then Sigmoid;
+    - ``d4``: 5-6-4-5-3 with a nested Sequential, a ``bias=False`` layer 1, Identity, ReLU and Tanh.
+    """
+    torch.manual_seed(seed)
+    if kind == "d2":
+        net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    elif kind == "d3":
+        net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Sigmoid(), nn.Linear(3, 4))
+    elif kind == "d4":
+        net = nn.Sequential(nn.Linear(5, 6), nn.Sigmoid(),
+                            nn.Sequential(nn.Linear(6, 4, bias=False), nn.Identity()),
+                            nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Tanh())
+    else:
+        raise KeyError(kind)
+    net = net.double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def make_inputs(net: nn.Module, N: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(N, linears(net)[0].in_features, generator=gen, dtype=torch.float64)
+
+
+def n_outputs(net: nn.Module) -> int:
+    return linears(net)[-1].out_features
