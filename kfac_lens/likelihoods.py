@@ -165,4 +165,4 @@ def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
     )
 
 
-__all__ = ["Likelihood", "Categorical", "Bernoulli", "Gaussian", "get_likelihood", "LIKELIHOODS"]
+__all__ = ["LIKELIHOODS", "Bernoulli", "Categorical", "Gaussian", "Likelihood", "get_likelihood"]

@@ -10,8 +10,8 @@ last column. θ stacks ``vec(W_k)`` column-major: entry ``W_k[r, c]`` sits at of
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn

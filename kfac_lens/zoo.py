@@ -262,7 +262,8 @@ def training_comparison(preset: str = "quick", data: str = "mnist", *, iteration
     sizes = [64, 48, 24, 8, 24, 48, 64] if data == "digits" else p["sizes"]
     device = torch.device(device) if device is not None else default_device()
     config = dict(kind="comparison", data=data, preset=preset, iterations=iterations, sgd_lr=sgd_lr,
-                  adam_lr=adam_lr, batch_size=batch_size, seed=seed, sizes=sizes, **{k: p[k] for k in ("m1", "full_at", "lambda_init", "eta", "n_train")})
+                  adam_lr=adam_lr, batch_size=batch_size, seed=seed, sizes=sizes,
+                  **{k: p[k] for k in ("m1", "full_at", "lambda_init", "eta", "n_train")})
     cache_dir = Path(cache_dir) if cache_dir is not None else default_zoo_dir()
     path = cache_dir / f"comparison-{data}-{preset}-{config_hash(config)}.pt"
     if path.exists() and not retrain:

@@ -158,6 +158,7 @@ def test_in_place_activation_after_a_linear(family):
 
 def test_mc_samples_must_be_a_whole_number():
     net, X, _ = problem("d2", "gaussian", n=4)
-    assert torch.equal(mc_fisher(net, X, "gaussian", samples=3.0, seed=2), mc_fisher(net, X, "gaussian", samples=3, seed=2))
+    a = mc_fisher(net, X, "gaussian", samples=3.0, seed=2)
+    assert torch.equal(a, mc_fisher(net, X, "gaussian", samples=3, seed=2))
     with pytest.raises(ValueError, match="samples must be a positive integer"):
         mc_fisher(net, X, "gaussian", samples=2.5, seed=2)

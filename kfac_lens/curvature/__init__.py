@@ -4,15 +4,46 @@ from .compare import block_errors, direction_errors, error_by_kind
 from .cumulants import CumulantTerms, cumulant_terms
 from .damping import ExactTikhonovInverse, exact_tikhonov_inverse, trace_pi
 from .factors import KroneckerFactors, kronecker_factors
-from .fisher import (empirical_fisher, exact_fisher, fisher, fisher_gram, fisher_vector_product,
-                     jacobian_products, mc_fisher)
-from .inverses import (BlockDiagonalInverse, BlockTridiagonalInverse, KroneckerSumInverse,
-                       block_diagonal_inverse, block_tridiagonal_inverse, make_inverse)
+from .fisher import (
+                     empirical_fisher,
+                     exact_fisher,
+                     fisher,
+                     fisher_gram,
+                     fisher_vector_product,
+                     jacobian_products,
+                     mc_fisher,
+)
+from .inverses import (
+                     BlockDiagonalInverse,
+                     BlockTridiagonalInverse,
+                     KroneckerSumInverse,
+                     block_diagonal_inverse,
+                     block_tridiagonal_inverse,
+                     make_inverse,
+)
 
 __all__ = [
-    "block_errors", "direction_errors", "error_by_kind", "CumulantTerms", "cumulant_terms",
-    "ExactTikhonovInverse", "exact_tikhonov_inverse", "trace_pi", "KroneckerFactors", "kronecker_factors",
-    "empirical_fisher", "exact_fisher", "fisher", "fisher_gram", "fisher_vector_product", "jacobian_products",
-    "mc_fisher", "BlockDiagonalInverse", "BlockTridiagonalInverse", "KroneckerSumInverse",
-    "block_diagonal_inverse", "block_tridiagonal_inverse", "make_inverse",
+                     "BlockDiagonalInverse",
+                     "BlockTridiagonalInverse",
+                     "CumulantTerms",
+                     "ExactTikhonovInverse",
+                     "KroneckerFactors",
+                     "KroneckerSumInverse",
+                     "block_diagonal_inverse",
+                     "block_errors",
+                     "block_tridiagonal_inverse",
+                     "cumulant_terms",
+                     "direction_errors",
+                     "empirical_fisher",
+                     "error_by_kind",
+                     "exact_fisher",
+                     "exact_tikhonov_inverse",
+                     "fisher",
+                     "fisher_gram",
+                     "fisher_vector_product",
+                     "jacobian_products",
+                     "kronecker_factors",
+                     "make_inverse",
+                     "mc_fisher",
+                     "trace_pi",
 ]

@@ -7,7 +7,8 @@ the exact natural gradient F⁻¹∇h (Appendix C, footnote 1).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -45,24 +46,32 @@ def block_errors(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int],
     return pd.DataFrame(rows)
 
 
-def error_by_kind(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int], name: str = "approx") -> pd.DataFrame:
-    """Relative Frobenius error pooled over block kinds: overall, diagonal, tridiagonal, off-tridiagonal."""
+def error_by_kind(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int], name: str = "approx",
+                  diff: torch.Tensor | None = None) -> pd.DataFrame:
+    """Relative Frobenius error pooled over block kinds: overall, diagonal, tridiagonal, off-tridiagonal.
+
+    Computed from per-block sums of squares (no P×P masks); ``diff`` may pass a precomputed approx − ref.
+    """
     offs = [0]
     for s in sizes:
         offs.append(offs[-1] + s)
     n = len(sizes)
-    kinds = {"diagonal": lambda i, j: i == j, "tridiagonal": lambda i, j: abs(i - j) == 1,
-             "off-tridiagonal": lambda i, j: abs(i - j) > 1}
-    diff = approx - ref
-    rows = [{"comparison": name, "kind": "overall", "rel_error": _rel(diff, ref)}]
-    for kind, pred in kinds.items():
-        mask = torch.zeros_like(ref, dtype=torch.bool)
-        for i in range(n):
-            for j in range(n):
-                if pred(i, j):
-                    mask[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = True
-        if mask.any():
-            rows.append({"comparison": name, "kind": kind, "rel_error": _rel(diff[mask], ref[mask])})
+    d = approx - ref if diff is None else diff
+    num = {"diagonal": 0.0, "tridiagonal": 0.0, "off-tridiagonal": 0.0}
+    den = dict.fromkeys(num, 0.0)
+    for i in range(n):
+        for j in range(n):
+            bi, bj = slice(offs[i], offs[i + 1]), slice(offs[j], offs[j + 1])
+            kind = "diagonal" if i == j else ("tridiagonal" if abs(i - j) == 1 else "off-tridiagonal")
+            num[kind] += float(d[bi, bj].square().sum())
+            den[kind] += float(ref[bi, bj].square().sum())
+
+    def rel(a, b):
+        return math.sqrt(a) / math.sqrt(b) if b > 0 else float("nan")
+
+    rows = [{"comparison": name, "kind": "overall", "rel_error": rel(sum(num.values()), sum(den.values()))}]
+    present = {"diagonal": n >= 1, "tridiagonal": n >= 2, "off-tridiagonal": n >= 3}
+    rows += [{"comparison": name, "kind": k, "rel_error": rel(num[k], den[k])} for k in num if present[k]]
     return pd.DataFrame(rows)
 
 

@@ -9,12 +9,11 @@ Conventions (0-based Linear-layer indices k, l):
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..capture import (Capture, analysis_view, check_estimator, check_inputs, iter_captures,
-                       make_generator)
+from ..capture import Capture, analysis_view, check_estimator, check_inputs, iter_captures, make_generator
 from ..likelihoods import Likelihood, get_likelihood
 from ..memory import check_dense_fits
 from ..nets import NetworkView
@@ -106,13 +105,13 @@ class KroneckerFactors:
     def n_params(self, layers: Iterable[int] | None = None) -> int:
         return sum(self.shapes[k][0] * self.shapes[k][1] for k in self.select(layers))
 
-    def map(self, fn) -> "KroneckerFactors":
+    def map(self, fn) -> KroneckerFactors:
         """Apply ``fn`` to every block (e.g. ``.to(device)``)."""
         return KroneckerFactors({kl: fn(t) for kl, t in self.A.blocks.items()},
                                 {kl: fn(t) for kl, t in self.G.blocks.items()},
                                 self.layers, self.shapes, self.n_cases, self.estimator)
 
-    def to(self, *args, **kw) -> "KroneckerFactors":
+    def to(self, *args, **kw) -> KroneckerFactors:
         return self.map(lambda t: t.to(*args, **kw))
 
     # ------------------------------------------------------------------ F̃
@@ -134,7 +133,7 @@ class KroneckerFactors:
             return float(pi)
         raise ValueError(f"pi must be 'trace' or a positive number (e.g. 1), got {pi!r}.")
 
-    def damped(self, gamma: float, pi: str | float = "trace") -> "KroneckerFactors":
+    def damped(self, gamma: float, pi: str | float = "trace") -> KroneckerFactors:
         """Factors with each diagonal block replaced by ``Ā + π γ I`` and ``G + (γ/π) I``; cross blocks unchanged."""
         from .damping import check_gamma
         gamma = check_gamma(gamma)
@@ -149,7 +148,7 @@ class KroneckerFactors:
 
     # ------------------------------------------------------------------ running averages (Appendix D)
     @torch.no_grad()
-    def ema_(self, new: "KroneckerFactors", eps: float) -> "KroneckerFactors":
+    def ema_(self, new: KroneckerFactors, eps: float) -> KroneckerFactors:
         """In place: ``self ← ε·self + (1 − ε)·new`` for every block."""
         if set(self.A.keys()) != set(new.A.keys()):
             raise ValueError("EMA needs factors over the same layer pairs.")
@@ -159,7 +158,7 @@ class KroneckerFactors:
         self.n_cases += new.n_cases
         return self
 
-    def clone(self) -> "KroneckerFactors":
+    def clone(self) -> KroneckerFactors:
         return self.map(lambda t: t.clone())
 
     def state_dict(self) -> dict:
@@ -169,7 +168,7 @@ class KroneckerFactors:
                 "n_cases": self.n_cases, "estimator": self.estimator}
 
     @classmethod
-    def from_state_dict(cls, sd: dict) -> "KroneckerFactors":
+    def from_state_dict(cls, sd: dict) -> KroneckerFactors:
         def parse(d):
             return {tuple(int(i) for i in key.split(",")): t for key, t in d.items()}
         return cls(parse(sd["A"]), parse(sd["G"]), sd["layers"], sd["shapes"], sd["n_cases"], sd["estimator"])

@@ -9,14 +9,13 @@ flops than ``UᵀU`` with one row per (case, direction).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from ..capture import (Capture, analysis_view, check_estimator, check_inputs, iter_captures,
-                       make_generator)
+from ..capture import Capture, analysis_view, check_estimator, check_inputs, iter_captures, make_generator
 from ..likelihoods import Likelihood, get_likelihood
 from ..memory import check_dense_fits
 from ..nets import NetworkView

@@ -36,12 +36,15 @@ class KroneckerSumInverse:
             raise ValueError("sign must be +1 or -1.")
         eA = eig_A or SymmetricEig(A, f"{name}: A", check_singular=True, tol_dtype=tol_dtype)
         eB = eig_B or SymmetricEig(B, f"{name}: B", check_singular=True, tol_dtype=tol_dtype)
-        Ais, Bis = eA.inv_sqrt(), eB.inv_sqrt()
-        e1 = SymmetricEig(Ais @ C @ Ais)
-        e2 = SymmetricEig(Bis @ D @ Bis)
-        self.K1, self.K2 = Ais @ e1.E, Bis @ e2.E
+        # In float64 whatever the factors' dtype: 1 − s₂s₁ᵀ loses all precision in float32 at small γ.
+        dtype = A.dtype
+        Ais = (eA._E64 / eA._s64.sqrt()) @ eA._E64.T
+        Bis = (eB._E64 / eB._s64.sqrt()) @ eB._E64.T
+        e1 = SymmetricEig(Ais @ C.double() @ Ais)
+        e2 = SymmetricEig(Bis @ D.double() @ Bis)
+        self.K1, self.K2 = (Ais @ e1.E).to(dtype), (Bis @ e2.E).to(dtype)
         den = 1.0 + sign * (e2.s[:, None] * e1.s[None, :])
-        floor = 1e3 * torch.finfo(den.dtype).eps
+        floor = 1e3 * torch.finfo(dtype).eps
         if float(den.min()) < floor:
             if float(den.min()) <= 0 and sign == -1 and float(den.min()) < -floor:
                 raise SingularFactorError(
@@ -52,7 +55,11 @@ class KroneckerSumInverse:
                           f"clamped to {floor:.1g}. Increase gamma for a trustworthy inverse.",
                           RuntimeWarning, stacklevel=2)
             den = den.clamp_min(floor)
-        self.den = den
+        self.den = den.to(dtype)
+
+    def to(self, dtype: torch.dtype) -> KroneckerSumInverse:
+        self.K1, self.K2, self.den = self.K1.to(dtype), self.K2.to(dtype), self.den.to(dtype)
+        return self
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         return self.K2 @ ((self.K2.T @ V @ self.K1) / self.den) @ self.K1.T
@@ -118,6 +125,10 @@ class BlockTridiagonalInverse(BlockOperator):
         self.pi = {k: factors.pi(k, pi) for k in sel}
         d = factors.damped(self.gamma, pi)
         self.factors = d
+        # Work in float64 whatever the factors' dtype (the Schur complements lose definiteness in float32
+        # at small γ), then keep the results in the factors' dtype.
+        dtype = d.dtype
+        d = d.to(torch.float64)
         eigA = [SymmetricEig(d.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol) for k in sel]
         eigG = [SymmetricEig(d.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol) for k in sel]
         self.A_inv = [e.inv() for e in eigA]
@@ -132,7 +143,9 @@ class BlockTridiagonalInverse(BlockOperator):
             D = pG @ d.G[k, l].T
             self.sigma_inv.append(KroneckerSumInverse(d.A[k, k], d.G[k, k], 0.5 * (C + C.T), 0.5 * (D + D.T),
                                                       sign=-1, name=f"Σ_{{{k}|{l}}}", tol_dtype=self._tol,
-                                                      eig_A=eigA[i], eig_B=eigG[i]))
+                                                      eig_A=eigA[i], eig_B=eigG[i]).to(dtype))
+        for name in ("A_inv", "G_inv", "psi_A", "psi_G"):
+            setattr(self, name, [t.to(dtype) for t in getattr(self, name)])
 
     # u = Ξ v :  U_i = V_i − Ψ^G_i V_{i+1} Ψ^Āᵀ_i
     def _xi(self, V):
@@ -150,7 +163,11 @@ class BlockTridiagonalInverse(BlockOperator):
         return self._xi_t(self._lambda(self._xi(self._check(mats))))
 
     def dense(self, max_bytes=None) -> torch.Tensor:
-        """Ξᵀ Λ Ξ assembled from explicit Kronecker products (independent of :meth:`apply`)."""
+        """Ξᵀ Λ Ξ assembled block by block from explicit Kronecker products (independent of :meth:`apply`).
+
+        With Ψ_i = Ψ^Ā_i ⊗ Ψ^G_i on Ξ's block super-diagonal the product is block-tridiagonal:
+        block (i, i) = Λ_i + Ψ_{i−1}ᵀ Λ_{i−1} Ψ_{i−1} and block (i, i+1) = −Λ_i Ψ_i; the other blocks are 0.
+        """
         ref = self.A_inv[0]
         P = self.n_params
         check_dense_fits(P, ref.dtype, ref.device, max_bytes=max_bytes, what="dense F̂⁻¹")
@@ -158,12 +175,21 @@ class BlockTridiagonalInverse(BlockOperator):
         offs = [0]
         for s in sizes:
             offs.append(offs[-1] + s)
-        Xi = torch.eye(P, dtype=ref.dtype, device=ref.device)
-        for i in range(len(sizes) - 1):
-            Xi[offs[i]:offs[i + 1], offs[i + 1]:offs[i + 2]] = -torch.kron(self.psi_A[i], self.psi_G[i])
-        Lam = torch.block_diag(*[s.dense() for s in self.sigma_inv],
-                               torch.kron(self.A_inv[-1], self.G_inv[-1]))
-        out = Xi.T @ Lam @ Xi
+        lam = [s.dense() for s in self.sigma_inv] + [torch.kron(self.A_inv[-1], self.G_inv[-1])]
+        psi = [torch.kron(pa, pg) for pa, pg in zip(self.psi_A, self.psi_G)]
+        out = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
+        n = len(sizes)
+        for i in range(n):
+            bi = slice(offs[i], offs[i + 1])
+            diag = lam[i].clone()
+            if i > 0:
+                diag += psi[i - 1].T @ lam[i - 1] @ psi[i - 1]
+            out[bi, bi] = diag
+            if i < n - 1:
+                bj = slice(offs[i + 1], offs[i + 2])
+                off = -lam[i] @ psi[i]
+                out[bi, bj] = off
+                out[bj, bi] = off.T
         return 0.5 * (out + out.T)
 
     def dense_approximation(self, max_bytes=None) -> torch.Tensor:

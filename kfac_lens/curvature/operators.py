@@ -6,7 +6,7 @@ the paper layout of MATH.md §1 restricted to the operator's layers.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -84,7 +84,8 @@ class BlockOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Apply to a flat θ-vector (paper layout), or to a batch (..., P)."""
         if v.shape[-1] != self.n_params:
-            raise ValueError(f"expected vectors with {self.n_params} entries (layers {self.layers}), got {v.shape[-1]}.")
+            raise ValueError(f"expected vectors with {self.n_params} entries (layers {self.layers}), "
+                             f"got {v.shape[-1]}.")
         return mats_to_vec(self.apply(vec_to_mats(v, self.shapes)))
 
     def __matmul__(self, other):

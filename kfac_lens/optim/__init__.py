@@ -3,10 +3,29 @@
 from .baselines import Adam, SGDNesterov
 from .kfac import KFAC, Proposal
 from .quadratic import SubspaceModel, alpha_star
-from .schedules import (ema_decay, exponential_batch_sizes, gamma_candidates, levenberg_marquardt,
-                        sutskever_momentum)
+from .schedules import (
+                        ema_decay,
+                        exponential_batch_sizes,
+                        gamma_candidates,
+                        levenberg_marquardt,
+                        sutskever_momentum,
+)
 from .train import evaluate, load_checkpoint, save_checkpoint, train
 
-__all__ = ["Adam", "SGDNesterov", "KFAC", "Proposal", "SubspaceModel", "alpha_star", "ema_decay",
-           "exponential_batch_sizes", "gamma_candidates", "levenberg_marquardt", "sutskever_momentum",
-           "evaluate", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = [
+                        "KFAC",
+                        "Adam",
+                        "Proposal",
+                        "SGDNesterov",
+                        "SubspaceModel",
+                        "alpha_star",
+                        "ema_decay",
+                        "evaluate",
+                        "exponential_batch_sizes",
+                        "gamma_candidates",
+                        "levenberg_marquardt",
+                        "load_checkpoint",
+                        "save_checkpoint",
+                        "sutskever_momentum",
+                        "train",
+]

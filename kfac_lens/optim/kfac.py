@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+
 import torch
 
-from ..capture import backward_directions, check_inputs, forward
+from ..capture import check_inputs, forward
 from ..curvature.factors import KroneckerFactors, compute_factors
 from ..curvature.fisher import fisher_gram
 from ..curvature.inverses import BlockDiagonalInverse, make_inverse
@@ -91,7 +92,8 @@ class KFAC:
         self.inverse_kind = inverse
         if curvature_estimator not in ("mc", "exact"):
             raise ValueError(f"curvature_estimator must be 'mc' (the paper's one sampled backward pass) or "
-                             f"'exact' (expectation over y exact; costs C backward passes), got {curvature_estimator!r}.")
+                             "'exact' (expectation over y exact; costs C backward passes), "
+                             f"got {curvature_estimator!r}.")
         self.curvature_estimator = curvature_estimator
         self.layers = list(range(len(self.view)))
         self.hp = dict(eta=eta, T1=T1, T2=T2, T3=T3, tau1=tau1, tau2=tau2, momentum=momentum,

@@ -7,8 +7,8 @@ The F-part of Q comes from J-products only (Appendix J, :func:`kfac_lens.fisher_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -6,9 +6,11 @@ Hyper-parameters may be numbers or callables of the 1-based iteration k (:func:`
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
-HyperParameter = Union[float, int, bool, str, Callable[[int], object]]
+# A number (or flag/string) or a callable of the iteration k.
+HyperParameter = Union[float, int, bool, str, Callable[[int], object]]  # noqa: UP007 (a runtime alias)
 
 
 def resolve(value: HyperParameter, k: int):

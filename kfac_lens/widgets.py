@@ -1,0 +1,449 @@
+"""Interactive explorers (ipywidgets) built on :mod:`kfac_lens.figures`.
+
+Each explorer keeps one persistent matplotlib ``Figure`` and its image artists, updates the artists in
+place when a control changes (``observe`` callbacks) and shows the figure as PNG bytes in an
+``ipywidgets.Image``. That needs no ipympl and no pyplot, works in JupyterLab (standard widget
+manager), in Voila and in plain pytest (the callbacks run synchronously when a test sets a control's
+``value``), and a browser sees each redraw as a new ``<img>`` ``src``. Metrics are pandas DataFrames
+(``.metrics``) shown as HTML tables.
+
+- :class:`DampingExplorer` — Figure 6 live under a γ slider, with the inverse and the layers to show.
+- :class:`FisherExplorer` — F, F̃ and |F − F̃| for one or several networks, and the Appendix B
+  cumulant terms of a chosen block.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import ipywidgets as W
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import nn
+
+from .errors import SingularFactorError
+from .figures import (
+    CurvatureStudy,
+    MatrixPanel,
+    _offsets,
+    _panel_grid,
+    _show_rows,
+    _suptitle,
+    cumulant_figure,
+    draw_cumulants,
+    layer_label,
+    shared_vmax,
+)
+
+__all__ = ["DampingExplorer", "FisherExplorer", "figure_png"]
+
+WIDGET_DPI = 72
+
+
+def figure_png(fig: Figure, dpi: int = WIDGET_DPI) -> bytes:
+    """PNG bytes of ``fig`` on a white background (one draw; no tight bbox, which would draw twice)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(float_format=lambda v: f"{v:.4g}", border=0, classes="kfac-lens-metrics")
+
+
+def _error_html(msg: str) -> str:
+    import html
+
+    return f"<span style='color:#b00'>{html.escape(msg)}</span>"
+
+
+class _Explorer:
+    widget: W.Widget
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+# ============================================================================ DampingExplorer
+class DampingExplorer(_Explorer):
+    """Figure 6 under a γ slider: F̃⁻¹ vs F̆⁻¹ and F̂⁻¹ (damped, factored Tikhonov), with a metrics table.
+
+    Controls: ``gamma_slider`` (log scale, "γ"), ``inverse_choice`` ("both", "block-diagonal",
+    "block-tridiagonal": which rows of the figure to show) and ``layer_select`` (the subset of the
+    study's layers; a sub-study shares F, the factors and ∇h, so only the γ-dependent pieces are
+    recomputed). The figure (``fig``, panels in ``panels[row][col]``) is updated in place with
+    ``set_data`` and one shared white level (:func:`figure6`'s rule: the 99.5th percentile of both
+    difference panels, so it does not change with ``inverse_choice``), then shown in ``image``.
+
+    ``metrics`` (also shown in ``table``): for F̆⁻¹, F̂⁻¹ and F̃⁻¹, the relative Frobenius error against
+    F̃⁻¹ (overall and on the diagonal blocks) and the cosine of the direction F⁻¹∇h each gives with
+    the exact ``(F + γ² I)⁻¹∇h``. γ² because factored Tikhonov with strength γ stands in for adding
+    ``(λ+η) I`` to the curvature (γ is kept near √(λ+η), Appendix E.3/E.6; the isotropic part of
+    ``(Ā+πγI)⊗(G+γ/π I)`` is γ² I). The cosines need the study to have been built with ``y``.
+    ``timings`` holds the last update's compute and render times in seconds.
+    """
+
+    INVERSE_CHOICES = ("both", "block-diagonal", "block-tridiagonal")
+
+    def __init__(
+        self,
+        study: CurvatureStudy,
+        gamma: float = 1e-2,
+        layers=None,
+        *,
+        gamma_range: tuple[float, float] = (1e-4, 1e1),
+        dpi: int = WIDGET_DPI,
+        panel_inches: float = 3.0,
+    ):
+        if not isinstance(study, CurvatureStudy):
+            raise TypeError(
+                "DampingExplorer needs a kfac_lens.figures.CurvatureStudy (build one with "
+                "CurvatureStudy(model, X, y, likelihood, layers))."
+            )
+        self.study = study
+        self.dpi = dpi
+        lo, hi = (float(v) for v in gamma_range)
+        lo, hi = min(lo, float(gamma)), max(hi, float(gamma))
+        self.fig, axes = _panel_grid(2, 3, panel_inches=panel_inches)
+        px = int(panel_inches * dpi)
+        self.panels = [[MatrixPanel(ax, max_pixels=px) for ax in row] for row in axes]
+        self.gamma_slider = W.FloatLogSlider(
+            value=float(gamma),
+            base=10,
+            min=math.log10(lo),
+            max=math.log10(hi),
+            step=0.05,
+            description="γ",
+            continuous_update=False,
+            readout_format=".3g",
+        )
+        self.inverse_choice = W.Dropdown(options=self.INVERSE_CHOICES, value="both", description="inverse")
+        options = [(f"{layer_label(k)} (layer {k})", k) for k in study.layers]
+        sel = study.layers if layers is None else study.factors.select(layers)
+        self.layer_select = W.SelectMultiple(
+            options=options, value=tuple(sel), description="layers", rows=min(len(options), 6)
+        )
+        self.image = W.Image(format="png")
+        self.table = W.HTML()
+        self.status = W.HTML()
+        self.metrics: pd.DataFrame | None = None
+        self.timings: dict[str, float] = {}
+        self.widget = W.VBox(
+            [
+                W.HBox([self.gamma_slider, self.inverse_choice, self.layer_select]),
+                self.image,
+                self.table,
+                self.status,
+            ]
+        )
+        for w in (self.gamma_slider, self.inverse_choice, self.layer_select):
+            w.observe(self._on_change, names="value")
+        self.update()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def gamma(self) -> float:
+        return float(self.gamma_slider.value)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k) for k in self.layer_select.value)
+
+    @property
+    def current_study(self) -> CurvatureStudy:
+        return self.study.subset(self.layers)
+
+    def set_gamma(self, gamma: float) -> DampingExplorer:
+        """Move the slider to ``gamma`` (widening its range if needed); the figure and table follow."""
+        g = float(gamma)
+        if not g > 0:
+            raise ValueError(f"gamma must be > 0 on a log slider, got {gamma!r}.")
+        e = math.log10(g)
+        if e < self.gamma_slider.min:
+            self.gamma_slider.min = math.floor(e)
+        if e > self.gamma_slider.max:
+            self.gamma_slider.max = math.ceil(e)
+        self.gamma_slider.value = g
+        return self
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_change(self, change=None) -> None:
+        self.update()
+
+    def update(self) -> None:
+        t0 = time.perf_counter()
+        layers = self.layers
+        if not layers:
+            self.status.value = _error_html("Select at least one layer.")
+            return
+        g = self.gamma
+        st = self.study.subset(layers)
+        try:
+            ref = st.F_tilde_inverse(g)
+            inv = {"block-diagonal": st.blockdiag_inverse(g), "block-tridiagonal": st.tridiag_inverse(g)}
+            metrics = st.damping_metrics(g)
+        except (SingularFactorError, ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
+            self.status.value = _error_html(f"γ = {g:.3g}: {e}")
+            return
+        diffs = {name: ref - m for name, m in inv.items()}
+        vmax = shared_vmax(list(diffs.values()))
+        t1 = time.perf_counter()
+        choice = self.inverse_choice.value
+        shown = list(inv) if choice == "both" else [choice]
+        sym = {"block-diagonal": r"\breve F^{-1}", "block-tridiagonal": r"\hat F^{-1}"}
+        _show_rows(self.fig, [[p.ax for p in row] for row in self.panels], len(shown))
+        for r, row in enumerate(self.panels):
+            if r >= len(shown):
+                continue
+            name = shown[r]
+            titles = (r"$\tilde F^{-1}$", f"${sym[name]}$ ({name})", rf"$|\tilde F^{{-1}} - {sym[name]}|$")
+            for p, title, M in zip(row, titles, (ref, inv[name], diffs[name])):
+                p.set_title(title)
+                p.show(M, vmax, st.sizes, st.labels)
+        _suptitle(self.fig, f"Figure 6 live: {st.name}, factored Tikhonov γ = {g:.3g}, white = {vmax:.3g}")
+        self.vmax = vmax
+        self.metrics = metrics
+        self.table.value = (
+            f"<small>Relative Frobenius error against F̃⁻¹ (the inverse of the damped F̃), "
+            f"overall and on the diagonal blocks, and the cosine of each F⁻¹∇h with the exact "
+            f"(F + γ²I)⁻¹∇h; γ = {g:.3g}</small>" + _table_html(metrics)
+        )
+        t2 = time.perf_counter()
+        self.image.value = figure_png(self.fig, self.dpi)
+        t3 = time.perf_counter()
+        self.timings = {"compute_s": t1 - t0, "draw_s": t2 - t1, "render_s": t3 - t2, "total_s": t3 - t0}
+        self.status.value = (
+            f"<small>P = {st.n_params}; update {self.timings['total_s']:.2f} s "
+            f"(compute {t1 - t0:.2f}, render {t3 - t2:.2f})</small>"
+        )
+
+
+# ============================================================================ FisherExplorer
+def _as_study(entry, name: str) -> CurvatureStudy:
+    if isinstance(entry, CurvatureStudy):
+        return entry
+    if isinstance(entry, Mapping):
+        return CurvatureStudy(
+            entry["model"],
+            entry["X"],
+            entry.get("y"),
+            entry.get("likelihood", "categorical"),
+            entry.get("layers"),
+            name=entry.get("name", name),
+        )
+    if isinstance(entry, (tuple, list)) and 2 <= len(entry) <= 5:
+        model, X, *rest = entry
+        y = rest[0] if len(rest) > 0 else None
+        lik = rest[1] if len(rest) > 1 else "categorical"
+        layers = rest[2] if len(rest) > 2 else None
+        return CurvatureStudy(model, X, y, lik, layers, name=name)
+    raise TypeError(
+        f"network {name!r}: expected a CurvatureStudy, a (model, X, y, likelihood, layers) tuple "
+        f"or a dict with those keys; got {type(entry).__name__}."
+    )
+
+
+class FisherExplorer(_Explorer):
+    """F, F̃ and |F − F̃| of one or several networks, and the Appendix B terms of a chosen block.
+
+    ``source`` is a :class:`CurvatureStudy`; or a model (then pass ``X``, ``y``, ``likelihood``,
+    ``layers``); or several networks to pick from in ``network_dropdown`` — a dict ``name → entry``
+    (e.g. zoo entries at different iterations) or a list of entries, an entry being a
+    CurvatureStudy, a tuple ``(model, X, y, likelihood, layers)`` (trailing items optional) or a dict
+    with those keys. Studies are built lazily, on first selection, and kept.
+
+    ``row_dropdown`` / ``col_dropdown`` pick block (k, l) (0-based layers); the block is outlined on the
+    top figure (``fig``, ``panels``) and its Appendix B decomposition is drawn in ``cumulant_fig``
+    (F − F̃ | κ₄ | κ(ā₁)κ₃ | κ(ā₂)κ₃ | residual, see :func:`~kfac_lens.figures.figure_cumulants`).
+    ``metrics`` combines that block's relative error of F̃ against F with the terms' norms.
+    """
+
+    def __init__(
+        self,
+        source,
+        X=None,
+        y=None,
+        likelihood="categorical",
+        layers=None,
+        *,
+        block=None,
+        name: str | None = None,
+        dpi: int = WIDGET_DPI,
+        panel_inches: float = 3.0,
+    ):
+        self.dpi = dpi
+        self._entries: OrderedDict[str, object] = OrderedDict()
+        if isinstance(source, CurvatureStudy):
+            self._entries[name or source.name] = source
+        elif isinstance(source, Mapping):
+            for key, entry in source.items():
+                self._entries[str(key)] = entry
+        elif isinstance(source, (list, tuple)) and source and isinstance(source[0], nn.Module):
+            self._entries[name or "network"] = tuple(source)  # one (model, X, y, likelihood, layers) entry
+        elif isinstance(source, (list, tuple)):
+            for i, entry in enumerate(source):
+                key = entry.name if isinstance(entry, CurvatureStudy) else f"network {i}"
+                self._entries[key] = entry
+        else:
+            if X is None:
+                raise ValueError("FisherExplorer(model, ...) needs the inputs X (and y for gradients).")
+            self._entries[name or "network"] = (source, X, y, likelihood, layers)
+        if not self._entries:
+            raise ValueError("FisherExplorer needs at least one network.")
+        self._studies: dict[str, CurvatureStudy] = {}
+        self._updating = False
+        self.fig, axes = _panel_grid(1, 3, panel_inches=panel_inches)
+        px = int(panel_inches * dpi)
+        self.panels = [
+            MatrixPanel(ax, t, max_pixels=px)
+            for ax, t in zip(axes[0], (r"exact $F$", r"$\tilde F$ (K-FAC)", r"$|F - \tilde F|$"))
+        ]
+        self._boxes: list[Rectangle] = []
+        self.cumulant_fig, self.cumulant_panels = cumulant_figure(panel_inches)
+        for p in self.cumulant_panels:
+            p.max_pixels = px
+        self.network_dropdown = W.Dropdown(options=list(self._entries), description="network")
+        self.row_dropdown = W.Dropdown(description="block row")
+        self.col_dropdown = W.Dropdown(description="block col")
+        self.image = W.Image(format="png")
+        self.cumulant_image = W.Image(format="png")
+        self.table = W.HTML()
+        self.status = W.HTML()
+        self.metrics: pd.DataFrame | None = None
+        self.timings: dict[str, float] = {}
+        controls = [self.row_dropdown, self.col_dropdown]
+        if len(self._entries) > 1:
+            controls.insert(0, self.network_dropdown)
+        self.widget = W.VBox([W.HBox(controls), self.image, self.cumulant_image, self.table, self.status])
+        self.network_dropdown.observe(self._on_network, names="value")
+        self.row_dropdown.observe(self._on_block, names="value")
+        self.col_dropdown.observe(self._on_block, names="value")
+        self._show_network(block)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def study(self) -> CurvatureStudy:
+        key = self.network_dropdown.value
+        if key not in self._studies:
+            self._studies[key] = _as_study(self._entries[key], key)
+        return self._studies[key]
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return int(self.row_dropdown.value), int(self.col_dropdown.value)
+
+    def set_block(self, k: int, l: int) -> FisherExplorer:
+        """Pick block (k, l) (0-based layers of the current network) and redraw its Appendix B terms."""
+        layers = self.study.layers
+        if k not in layers or l not in layers:
+            raise ValueError(f"block ({k}, {l}) is not among this network's layers {layers}.")
+        self._updating = True
+        try:
+            self.row_dropdown.value = int(k)
+            self.col_dropdown.value = int(l)
+        finally:
+            self._updating = False
+        self._show_block()
+        return self
+
+    def set_network(self, name: str) -> FisherExplorer:
+        self.network_dropdown.value = name
+        return self
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_network(self, change=None) -> None:
+        self._show_network(None)
+
+    def _on_block(self, change=None) -> None:
+        if not self._updating:
+            self._show_block()
+
+    def _show_network(self, block) -> None:
+        t0 = time.perf_counter()
+        st = self.study
+        options = [(f"{layer_label(k)} (layer {k})", k) for k in st.layers]
+        if block is None:
+            k = st.layers[0]
+            l = st.layers[1] if len(st.layers) > 1 else k
+        else:
+            k, l = (int(v) for v in block)
+        self._updating = True
+        try:
+            self.row_dropdown.options = options
+            self.col_dropdown.options = options
+            self.row_dropdown.value = k
+            self.col_dropdown.value = l
+        finally:
+            self._updating = False
+        mats = [st.F, st.F_tilde, st.F - st.F_tilde]
+        vmax = shared_vmax(mats)
+        for p, M in zip(self.panels, mats):
+            p.show(M, vmax, st.sizes, st.labels)
+        _suptitle(
+            self.fig, f"{st.name}: exact F vs K-FAC's $\\tilde F$ (P = {st.n_params}, white = {vmax:.3g})"
+        )
+        self.vmax = vmax
+        self.timings["network_s"] = time.perf_counter() - t0
+        self._show_block()
+
+    def _show_block(self) -> None:
+        t0 = time.perf_counter()
+        st = self.study
+        k, l = self.block
+        offs = dict(zip(st.layers, _offsets(st.sizes)))
+        size = dict(zip(st.layers, st.sizes))
+        for box in self._boxes:
+            box.remove()
+        self._boxes = []
+        for p in self.panels:
+            box = Rectangle(
+                (offs[l] - 0.5, offs[k] - 0.5), size[l], size[k], fill=False, ec="tab:cyan", lw=1.5
+            )
+            p.ax.add_patch(box)
+            self._boxes.append(box)
+        try:
+            terms = st.cumulants(k, l)
+        except ValueError as e:
+            self.status.value = _error_html(str(e))
+            return
+        self.cumulant_vmax = draw_cumulants(self.cumulant_fig, self.cumulant_panels, terms)
+        sl_k = slice(offs[k], offs[k] + size[k])
+        sl_l = slice(offs[l], offs[l] + size[l])
+        F_b, Ft_b = st.F[sl_k, sl_l], st.F_tilde[sl_k, sl_l]
+        ref = float(F_b.norm())
+        summary = terms.summary().set_index("term")[["frobenius", "relative_to_difference"]]
+        head = pd.DataFrame(
+            {"frobenius": [ref, float((F_b - Ft_b).norm())], "relative_to_difference": [float("nan"), 1.0]},
+            index=["F block", "F − F̃ block"],
+        )
+        metrics = pd.concat([head, summary.drop(index="difference")])
+        metrics.attrs.update(
+            block=(k, l), rel_error_F_tilde=float((F_b - Ft_b).norm()) / ref if ref else float("nan")
+        )
+        self.metrics = metrics
+        rel = metrics.attrs["rel_error_F_tilde"]
+        self.table.value = (
+            f"<b>block ({layer_label(k)}, {layer_label(l)})</b>: ‖F − F̃‖/‖F‖ = {rel:.3g}"
+            + _table_html(metrics)
+        )
+        t1 = time.perf_counter()
+        self.image.value = figure_png(self.fig, self.dpi)
+        self.cumulant_image.value = figure_png(self.cumulant_fig, self.dpi)
+        t2 = time.perf_counter()
+        self.timings.update(block_compute_s=t1 - t0, render_s=t2 - t1)
+        self.status.value = f"<small>block update {t2 - t0:.2f} s</small>"
+
+
+# RescalingExplorer — Figure 7 live (improvement h(θ) − h(θ+δ) against γ for the re-scaled update
+# with and without momentum and the raw Δ) — is implemented by another engineer on top of the
+# optimizer's proposal API. Add it here, below this comment, when it lands.
