@@ -887,10 +887,11 @@ def figure7_gammas(chosen: float, below: float = 4.0, above: float = 2.0, points
     return np.logspace(c - below, c + above, points)
 
 
-def figure7_data(optimizer, X, y, gammas=None, *, lam=None, progress=False, cache=None) -> pd.DataFrame:
-    """The improvement h(θ) − h(θ+δ) against γ for the three update variants (KFAC.gamma_sweep)."""
+def figure7_data(optimizer, X, y, gammas=None, *, lam=None, progress=False, cache=None,
+                 variants=None) -> pd.DataFrame:
+    """The improvement h(θ) − h(θ+δ) against γ for the update variants (KFAC.gamma_sweep)."""
     gammas = figure7_gammas(optimizer.gamma) if gammas is None else np.asarray(gammas, dtype=float)
-    df = optimizer.gamma_sweep(X, y, gammas, lam=lam, progress=progress, cache=cache)
+    df = optimizer.gamma_sweep(X, y, gammas, lam=lam, progress=progress, cache=cache, variants=variants)
     return df.assign(figure="7", chosen_gamma=optimizer.gamma,
                      lam=optimizer.lam if lam is None else float(lam))
 

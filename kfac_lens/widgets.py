@@ -40,7 +40,7 @@ from .figures import (
     shared_vmax,
 )
 
-__all__ = ["DampingExplorer", "FisherExplorer", "figure_png"]
+__all__ = ["DampingExplorer", "FisherExplorer", "RescalingExplorer", "figure_png"]
 
 WIDGET_DPI = 72
 
@@ -444,6 +444,78 @@ class FisherExplorer(_Explorer):
         self.status.value = f"<small>block update {t2 - t0:.2f} s</small>"
 
 
-# RescalingExplorer — Figure 7 live (improvement h(θ) − h(θ+δ) against γ for the re-scaled update
-# with and without momentum and the raw Δ) — is implemented by another engineer on top of the
-# optimizer's proposal API. Add it here, below this comment, when it lands.
+# ============================================================================ RescalingExplorer
+class RescalingExplorer(_Explorer):
+    """Figure 7 live: the improvement h(θ) − h(θ+δ) against γ (Appendix E.4), with the γ range, λ and
+    K-FAC momentum as controls, and a star at the γ K-FAC actually chose.
+
+    ``optimizer`` is a :class:`kfac_lens.KFAC` at the iteration to examine (e.g. ``zoo.autoencoder().optimizer``)
+    and (X, y) the data h is measured on. γ values lie on a fixed lattice of ``per_decade`` points per
+    decade, and each γ's proposal Δ is cached, so moving λ or the range only recomputes new γ values
+    and the cheap re-scaling. ``data`` holds the plotted numbers (:func:`figure7_data`'s columns).
+    """
+
+    def __init__(self, optimizer, X, y, *, decades: tuple[float, float] = (-3.0, 2.0), per_decade: int = 2,
+                 dpi: int = 90):
+        if optimizer.factors is None:
+            raise ValueError("RescalingExplorer needs a K-FAC optimizer that has taken at least one step.")
+        self.optimizer, self.X, self.y = optimizer, X, y
+        self.dpi, self.per_decade = dpi, int(per_decade)
+        self.chosen_gamma = float(optimizer.gamma)
+        c = math.log10(self.chosen_gamma)
+        lo, hi = math.floor(c + decades[0]), math.ceil(c + decades[1])
+        self.range_slider = W.FloatRangeSlider(value=(lo, hi), min=lo - 3, max=hi + 3, step=1.0 / self.per_decade,
+                                               description="log₁₀ γ", continuous_update=False, readout_format=".1f")
+        lam = max(float(optimizer.lam), 1e-8)
+        self.lambda_slider = W.FloatLogSlider(value=lam, base=10, min=math.log10(lam) - 4, max=math.log10(lam) + 4,
+                                              step=0.1, description="λ", continuous_update=False,
+                                              readout_format=".3g")
+        self.momentum_toggle = W.Checkbox(value=True, description="K-FAC momentum curve")
+        self.image = W.Image(format="png")
+        self.table = W.HTML()
+        self.status = W.HTML()
+        self.fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        self.ax = self.fig.add_subplot(1, 1, 1)
+        self._cache: dict = {}
+        self.data: pd.DataFrame | None = None
+        self.lines: dict = {}
+        self.timings: dict[str, float] = {}
+        self.widget = W.VBox([W.HBox([self.range_slider, self.lambda_slider, self.momentum_toggle]),
+                              self.image, self.table, self.status])
+        for w in (self.range_slider, self.lambda_slider, self.momentum_toggle):
+            w.observe(lambda change: self.update(), names="value")
+        self.update()
+
+    @property
+    def gammas(self) -> list[float]:
+        lo, hi = self.range_slider.value
+        n = int(round((hi - lo) * self.per_decade)) + 1
+        return [10 ** (lo + j / self.per_decade) for j in range(n)]
+
+    @property
+    def variants(self) -> list[str]:
+        from .optim import KFAC
+        names = list(KFAC.VARIANTS)
+        return names if self.momentum_toggle.value else [v for v in names if "momentum" not in v or "no" in v]
+
+    def update(self) -> None:
+        from .figures import draw_figure7, figure7_data
+        t0 = time.perf_counter()
+        lam = float(self.lambda_slider.value)
+        try:
+            df = figure7_data(self.optimizer, self.X, self.y, self.gammas, lam=lam, cache=self._cache,
+                              variants=self.variants)
+        except (SingularFactorError, ValueError, RuntimeError) as e:
+            self.status.value = _error_html(f"λ = {lam:.3g}: {e}")
+            return
+        t1 = time.perf_counter()
+        self.data = df
+        self.lines = draw_figure7(self.ax, df, self.chosen_gamma, variants=self.variants)
+        self.ax.set_title(f"Figure 7 live: iteration {self.optimizer.k - 1}, λ = {lam:.3g}", fontsize=10)
+        best = df.loc[df.groupby("variant")["improvement"].idxmax()]
+        self.table.value = ("<small>Best γ on the grid for each variant</small>"
+                            + _table_html(best[["variant", "gamma", "improvement", "alpha", "mu"]]))
+        self.image.value = figure_png(self.fig, self.dpi)
+        t2 = time.perf_counter()
+        self.timings = {"compute_s": t1 - t0, "render_s": t2 - t1}
+        self.status.value = f"<small>{len(self.gammas)} γ values; update {t2 - t0:.2f} s</small>"

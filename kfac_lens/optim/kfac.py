@@ -207,11 +207,9 @@ class KFAC:
             out.append(-u)
         return out
 
-    def _combine(self, Delta, grad, x2, lam, eta, gamma, rescale, momentum) -> Proposal:
-        """δ from Δ: raw (α = 1), re-scaled (α*), or with momentum ((α*, μ*) jointly; Appendix F)."""
-        damping = lam + eta
-        use_mom = momentum and rescale and self.delta0 is not None
-        vecs = [Delta, self.delta0] if use_mom else [Delta]
+    def _grams(self, Delta, grad, x2, with_delta0: bool):
+        """The λ-independent pieces of M on span{Δ, δ₀}: [vᵀFv] (J-products on x2), [vᵀv] and [∇hᵀv]."""
+        vecs = [Delta, self.delta0] if (with_delta0 and self.delta0 is not None) else [Delta]
         gram_F = fisher_gram(self.view, x2, self.likelihood, vecs, checked=True)
         n = len(vecs)
         gram_I = torch.empty(n, n, dtype=gram_F.dtype, device=gram_F.device)
@@ -220,6 +218,21 @@ class KFAC:
             b[i] = dot(grad, vecs[i])
             for j in range(i, n):
                 gram_I[i, j] = gram_I[j, i] = dot(vecs[i], vecs[j])
+        return gram_F, gram_I, b
+
+    def _combine(self, Delta, grad, x2, lam, eta, gamma, rescale, momentum, grams=None) -> Proposal:
+        """δ from Δ: raw (α = 1), re-scaled (α*), or with momentum ((α*, μ*) jointly; Appendix F).
+
+        ``grams`` may pass :meth:`_grams` computed with δ₀ (they are then restricted to Δ as needed).
+        """
+        damping = lam + eta
+        use_mom = momentum and rescale and self.delta0 is not None
+        if grams is None:
+            grams = self._grams(Delta, grad, x2, use_mom)
+        gram_F, gram_I, b = grams
+        if not use_mom:
+            gram_F, gram_I, b = gram_F[:1, :1], gram_I[:1, :1], b[:1]
+        n = b.shape[0]
         sub = SubspaceModel(gram_F, gram_I, b, damping)
         if rescale:
             c = sub.minimize()
@@ -277,8 +290,8 @@ class KFAC:
                 "inverse_refreshed": refresh, "step_time": time.perf_counter() - t0}
 
     @torch.no_grad()
-    def _improvement(self, delta, x, y, eta) -> float:
-        h0 = self._objective(x, y, eta)
+    def _improvement(self, delta, x, y, eta, h0: float | None = None) -> float:
+        h0 = self._objective(x, y, eta) if h0 is None else h0
         saved = self.view.weight_matrices()  # restore exactly: θ + δ − δ ≠ θ in floating point
         self.view.add_to_weights(delta)
         try:
@@ -337,6 +350,9 @@ class KFAC:
         if "grad" not in cache:
             cache["grad"] = self._gradient(x, y, eta)[1:]
         grad, pieces, params = cache["grad"]
+        if "h0" not in cache or eval_x is not None:
+            cache["h0"] = self._objective(ex, ey, eta)
+        h0 = cache["h0"]
         rows = []
         for g in tqdm(list(gammas), desc="γ sweep", disable=not progress, leave=False):
             key = ("Delta", float(g))
@@ -344,10 +360,13 @@ class KFAC:
                 inv = self._build_inverse(float(g))
                 cache[key] = self._proposal_direction(inv, grad, pieces, params, eta, x.shape[0])
             Delta = cache[key]
+            gkey = ("grams", float(g))
+            if gkey not in cache:
+                cache[gkey] = self._grams(Delta, grad, x, with_delta0=True)
             for name, (rescale, momentum) in variants.items():
-                prop = self._combine(Delta, grad, x, lam, eta, float(g), rescale, momentum)
+                prop = self._combine(Delta, grad, x, lam, eta, float(g), rescale, momentum, grams=cache[gkey])
                 rows.append({"gamma": float(g), "variant": name,
-                             "improvement": self._improvement(prop.delta, ex, ey, eta),
+                             "improvement": self._improvement(prop.delta, ex, ey, eta, h0=h0),
                              "M": prop.M, "alpha": prop.alpha, "mu": prop.mu})
         return pd.DataFrame(rows)
 
