@@ -67,7 +67,8 @@ def test_draw_figure7_clips_and_marks_chosen_gamma(trained):
     import pandas as pd
     from matplotlib.figure import Figure
 
-    df = pd.DataFrame({"gamma": [0.1, 1.0, 10.0] * 2, "variant": ["raw Δ (no re-scaling)"] * 3 + ["re-scaled, momentum"] * 3,
+    variant = ["raw Δ (no re-scaling)"] * 3 + ["re-scaled, momentum"] * 3
+    df = pd.DataFrame({"gamma": [0.1, 1.0, 10.0] * 2, "variant": variant,
                        "improvement": [-100.0, 0.5, 0.2, 1.0, 2.0, 0.5]})
     ax = Figure().add_subplot(1, 1, 1)
     lines = draw_figure7(ax, df, chosen_gamma=1.0, variants=["raw Δ (no re-scaling)", "re-scaled, momentum"])
