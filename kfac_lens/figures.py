@@ -978,7 +978,9 @@ def figure_inverse_structure(study: CurvatureStudy, gamma: float):
 
     F̃⁻¹ is the inverse of the damped F̃ at ``gamma``. Exception to the shared white level, as in the
     paper's Figure 3: F̃ and its inverse differ in scale by orders of magnitude, so each panel has its
-    own vmax (the 99.5th percentile of its own |entries|; the ``vmax`` column).
+    own vmax (the ``vmax`` column): the 99.5th percentile of |F̃|, and for F̃⁻¹ that of its
+    *off-diagonal blocks*, so that its strong diagonal blocks saturate and the contrast between the
+    neighbouring blocks and those beyond them shows.
 
     DataFrame (one row per matrix: F̃, damped F̃, F̃⁻¹): fractions of the squared Frobenius mass on the
     diagonal blocks, the neighbouring blocks and beyond (:func:`block_mass`); for F̃⁻¹ the off-diagonal
@@ -991,7 +993,13 @@ def figure_inverse_structure(study: CurvatureStudy, gamma: float):
     for ax, title, M in zip(
         axes[0], (r"$\tilde F$", rf"$\tilde F^{{-1}}$ (damped, γ = {_fmt(g)})"), (Ft, Finv)
     ):
-        v = shared_vmax([M])
+        if M is Finv:
+            offs = _offsets(study.sizes)
+            blocks = [M[offs[i]:offs[i + 1], offs[j]:offs[j + 1]].reshape(-1)
+                      for i in range(len(study.sizes)) for j in range(len(study.sizes)) if i != j]
+            v = shared_vmax([torch.cat(blocks)]) if blocks else shared_vmax([M])
+        else:
+            v = shared_vmax([M])
         p = MatrixPanel(ax, title + f", white = {_fmt(v)}")
         p.show(M, v, study.sizes, study.labels)
         panels.append(p)
@@ -1091,7 +1099,7 @@ def figure_cumulants(
 
 # ============================================================================ training curves
 def figure_training_curves(histories: Mapping[str, pd.DataFrame], *, title: str = "Training curves"):
-    """Loss (log scale) per iteration (left) and per second of wall-clock time (right).
+    """Loss (log scale) per iteration (left, log scale) and per second of wall-clock time (right).
 
     ``histories`` maps a run name to a DataFrame with columns ``iteration``, ``time`` (seconds),
     ``loss`` and optionally ``error``. When any run has ``error`` a second row plots it the same way
@@ -1119,6 +1127,8 @@ def figure_training_curves(histories: Mapping[str, pd.DataFrame], *, title: str 
                     ok = vals > 0
                     ax.plot(h[xcol][ok], vals[ok], label=str(name), lw=1.3)
             ax.set_yscale("log")
+            if xcol == "iteration":
+                ax.set_xscale("log")  # first-order methods take many more (cheaper) iterations
             ax.set_xlabel(xlabel)
             ax.set_ylabel("training " + ("loss" if col == "loss" else "error"))
             ax.grid(True, which="both", alpha=0.3)
