@@ -74,9 +74,8 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torc
         )
     if X.shape[0] == 0:
         raise ValueError(f"{what} holds no cases (N = 0).")
-    bad = [k for k, L in enumerate(view.layers)
-           if not all(bool(torch.isfinite(p).all()) for p in L.module.parameters())]
-    if bad:
+    if not all_finite(view.model.parameters()):
+        bad = [k for k, L in enumerate(view.layers) if not all_finite(L.module.parameters())]
         raise NonFiniteError(f"the weights of layer(s) {bad} contain NaN or Inf; reload a good checkpoint "
                              "or re-initialise the model.")
     X = X.to(device=view.device, dtype=view.dtype)
@@ -95,6 +94,13 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torc
             if not torch.isfinite(y).all():
                 raise NonFiniteError("y contains NaN or Inf; clean or drop those cases first.")
     return X, y
+
+
+def all_finite(tensors) -> bool:
+    """True when no tensor holds NaN or Inf: one float64 sum per tensor and a single host sync
+    (a sum is non-finite exactly when an entry is; float64 cannot overflow on float32 entries)."""
+    sums = [t.detach().sum(dtype=torch.float64) for t in tensors]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def make_generator(device: torch.device, generator: torch.Generator | None, seed: int | None):

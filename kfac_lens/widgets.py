@@ -52,6 +52,11 @@ def figure_png(fig: Figure, dpi: int = WIDGET_DPI) -> bytes:
     return buf.getvalue()
 
 
+def _image() -> W.Image:
+    """An Image widget shown at the PNG's own pixel size (a VBox would otherwise stretch and blur it)."""
+    return W.Image(format="png", layout=W.Layout(align_self="flex-start", width="auto", height="auto"))
+
+
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(float_format=lambda v: f"{v:.4g}", border=0, classes="kfac-lens-metrics")
 
@@ -133,7 +138,7 @@ class DampingExplorer(_Explorer):
         self.layer_select = W.SelectMultiple(
             options=options, value=tuple(sel), description="layers", rows=min(len(options), 6)
         )
-        self.image = W.Image(format="png")
+        self.image = _image()
         self.table = W.HTML()
         self.status = W.HTML()
         self.metrics: pd.DataFrame | None = None
@@ -315,8 +320,8 @@ class FisherExplorer(_Explorer):
         self.network_dropdown = W.Dropdown(options=list(self._entries), description="network")
         self.row_dropdown = W.Dropdown(description="block row")
         self.col_dropdown = W.Dropdown(description="block col")
-        self.image = W.Image(format="png")
-        self.cumulant_image = W.Image(format="png")
+        self.image = _image()
+        self.cumulant_image = _image()
         self.table = W.HTML()
         self.status = W.HTML()
         self.metrics: pd.DataFrame | None = None
@@ -471,7 +476,7 @@ class RescalingExplorer(_Explorer):
                                               step=0.1, description="λ", continuous_update=False,
                                               readout_format=".3g")
         self.momentum_toggle = W.Checkbox(value=True, description="K-FAC momentum curve")
-        self.image = W.Image(format="png")
+        self.image = _image()
         self.table = W.HTML()
         self.status = W.HTML()
         self.fig = Figure(figsize=(6.4, 4.2), layout="constrained")

@@ -1,4 +1,4 @@
-"""Shared test configuration for the core tests: the devices they run on, and a one-thread CPU setting.
+"""Shared test configuration: the devices tests run on, a one-thread CPU setting and the Agg backend.
 
 The core tests use tiny tensors; with several intra-op threads on a busy machine every small op pays a
 thread-synchronisation cost far larger than its work, so those tests run single-threaded.
@@ -23,3 +23,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def agg_backend():
+    """Use matplotlib's Agg inside a test and restore whatever backend was active (ECOSYSTEM.md)."""
+    import matplotlib
+
+    old = matplotlib.get_backend()
+    matplotlib.use("Agg", force=True)
+    yield
+    matplotlib.use(old, force=True)

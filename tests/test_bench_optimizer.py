@@ -14,6 +14,7 @@ def test_optimizer_benchmark_quick_table():
         assert col in df.columns
     sgd = df.set_index("method").loc["SGD-Nesterov"]
     assert sgd["ratio to SGD's time"] == 1.0 and sgd["iter-time ratio to SGD"] == 1.0
-    assert sgd["lr"] in bench.SGD_LRS and df.set_index("method").loc["Adam", "lr"] in bench.ADAM_LRS
+    assert sgd["lr / λ₀"] in bench.SGD_LRS and df.set_index("method").loc["Adam", "lr / λ₀"] in bench.ADAM_LRS
+    assert df.set_index("method").loc["K-FAC block-diagonal", "lr / λ₀"] in bench.KFAC_LAMBDAS
     assert all(h["time"].iloc[-1] >= 1.5 or h["iteration"].iloc[-1] > 0 for h in df.attrs["histories"].values())
     assert math.isfinite(df.attrs["sgd_best"])

@@ -245,3 +245,17 @@ def test_block_diagonal_low_rank_product():
         U = op.apply_low_rank(i, g_cols, a_rows, 0.25)
         ref = O.unvec(O.block(O.blockdiag_inverse(p.Ad, p.Gd, p.sel), O.sizes(p.net), i, i) @ O.vec(V), d, a_dim)
         assert O.rel(U, ref) < 1e-10
+
+
+def test_shared_eigendecomposition_gives_the_same_block_diagonal_inverse():
+    """The γ search shares one eigendecomposition of the undamped factors (kfac_lens.curvature.inverses.factor_eigs);
+    it must give the Cholesky path's inverse at every γ."""
+    from kfac_lens.curvature.inverses import factor_eigs
+
+    net = O.make_net("d3")
+    fac = kronecker_factors(net, O.make_inputs(net, 40), "categorical")
+    eigs = factor_eigs(fac)
+    for g in (1e-3, 0.1, 3.0):
+        a = block_diagonal_inverse(fac, g).dense()
+        b = BlockDiagonalInverse(fac, g, eigs=eigs).dense()
+        assert float((a - b).norm() / a.norm()) < 1e-10

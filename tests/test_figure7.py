@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -13,15 +12,9 @@ from kfac_lens.figures import draw_figure7, figure7, figure7_gammas
 from kfac_lens.optim import KFAC, train
 from kfac_lens.widgets import RescalingExplorer
 
+pytestmark = pytest.mark.usefixtures("agg_backend")
+
 VARIANTS = ("re-scaled, momentum", "re-scaled, no momentum", "raw Δ (no re-scaling)")
-
-
-@pytest.fixture(autouse=True)
-def agg_backend():
-    old = matplotlib.get_backend()
-    matplotlib.use("Agg", force=True)
-    yield
-    matplotlib.use(old, force=True)
 
 
 @pytest.fixture(scope="module")

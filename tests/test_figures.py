@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import matplotlib
 import numpy as np
@@ -15,58 +14,12 @@ from torch import nn
 import kfac_lens as kl
 from kfac_lens import figures as kf
 from kfac_lens.figures import CurvatureStudy
+from digits_nets import digits, tanh_net, trained_net
 
 LAYERS = [1, 2, 3]
 
 
-# ------------------------------------------------------------ fixtures
-@pytest.fixture(autouse=True)
-def agg_backend():
-    """Use Agg inside these tests and restore whatever backend was active (ECOSYSTEM.md)."""
-    old = matplotlib.get_backend()
-    matplotlib.use("Agg", force=True)
-    yield
-    matplotlib.use(old, force=True)
-
-
-def digits(n: int = 400):
-    try:
-        from kfac_lens.data import load_digits
-
-        ds = load_digits()
-        return ds.X[:n].float(), ds.y[:n].long()
-    except ImportError:  # pragma: no cover - data.py is written concurrently
-        from sklearn.datasets import load_digits as sk
-
-        b = sk()
-        return torch.tensor(b.data[:n] / 16.0, dtype=torch.float32), torch.tensor(b.target[:n])
-
-
-def tanh_net(sizes, seed=0):
-    torch.manual_seed(seed)
-    mods = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        mods.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            mods.append(nn.Tanh())
-    return nn.Sequential(*mods)
-
-
-def trained_net(steps=150, hidden=8, n=400, seed=0):
-    """64-8-8-8-8-10 tanh on 400 digits, 150 Adam steps (about 1.5% training error)."""
-    X, y = digits(n)
-    model = tanh_net([64] + [hidden] * 4 + [10], seed)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threading only costs (20x slower on a busy 2-core box)
-    try:
-        for _ in range(steps):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X), y).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model, X, y
+pytestmark = pytest.mark.usefixtures("agg_backend")
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,14 @@ from kfac_lens.optim import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 
 KFAC_COLUMNS = {"iteration", "loss", "objective", "lambda", "gamma", "alpha", "mu", "rho", "M", "batch_size",
                 "inverse_refreshed", "step_time", "time", "eval_loss", "error"}
 SGD_COLUMNS = {"iteration", "loss", "batch_size", "step_time", "mu", "lr", "time", "eval_loss", "error"}
 ADAM_COLUMNS = {"iteration", "loss", "batch_size", "step_time", "time", "eval_loss", "error"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_problem(n=120, device="cpu", seed=0):

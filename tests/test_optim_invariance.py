@@ -18,17 +18,10 @@ from torch import nn
 import kfac_lens as K
 from kfac_lens.optim import KFAC
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 SIZES = [4, 5, 5, 3]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to contention with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class FixedAffine(nn.Module):

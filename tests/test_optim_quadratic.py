@@ -18,17 +18,10 @@ from torch import nn
 import kfac_lens as K
 from kfac_lens.optim import KFAC
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
 FAMILIES = ("categorical", "bernoulli", "gaussian")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to contention with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_net(sizes, seed=0, device="cpu", scale=1.0):

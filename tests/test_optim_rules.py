@@ -19,16 +19,9 @@ from kfac_lens.optim import (
     sutskever_momentum,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to contention with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_problem(n=64, seed=0):
@@ -156,7 +149,7 @@ def test_lambda_follows_levenberg_marquardt_every_T1():
     opt = KFAC(net, "categorical", lambda_init=1e-3, T1=5, T2=4, T3=2, seed=0)
     w1 = 0.95 ** 5
     lam_prev, seen = 1e-3, set()
-    for k, (xb, yb) in enumerate(batches(X, y, 30), start=1):
+    for k, (xb, yb) in enumerate(batches(X, y, 120), start=1):
         h_before = objective(net, xb, yb, eta)
         st = opt.step(xb, yb)
         h_after = objective(net, xb, yb, eta)
@@ -194,9 +187,9 @@ def test_gamma_search_every_T2_keeps_the_lowest_M_and_inverse_refresh_schedule()
         calls.append((p.gamma, p.M))
         return p
 
-    def rec_build(gamma, factors=None):
+    def rec_build(gamma, factors=None, **kw):
         builds.append(gamma)
-        return build(gamma, factors)
+        return build(gamma, factors, **kw)
 
     opt._combine, opt._build_inverse = rec_combine, rec_build
     gamma_prev = opt.gamma

@@ -6,21 +6,12 @@ regression in the maths turns a test red rather than only changing a picture.
 
 from __future__ import annotations
 
-import matplotlib
 import pytest
 
 from kfac_lens import figures as F
 from kfac_lens import zoo
 
-pytestmark = pytest.mark.paper
-
-
-@pytest.fixture(autouse=True)
-def agg_backend():
-    old = matplotlib.get_backend()
-    matplotlib.use("Agg", force=True)
-    yield
-    matplotlib.use(old, force=True)
+pytestmark = [pytest.mark.paper, pytest.mark.usefixtures("agg_backend")]
 
 
 @pytest.fixture(scope="module")

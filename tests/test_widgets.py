@@ -2,72 +2,27 @@
 
 from __future__ import annotations
 
-import itertools
 
 import ipywidgets as W
-import matplotlib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import kfac_lens as kl
 from kfac_lens import figures as kf
 from kfac_lens.figures import CurvatureStudy
+from digits_nets import digits, trained_net
 from kfac_lens.widgets import DampingExplorer, FisherExplorer, figure_png
+
+pytestmark = pytest.mark.usefixtures("agg_backend")
 
 LAYERS = [1, 2, 3]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def agg_backend():
-    """Use Agg inside these tests and restore whatever backend was active (ECOSYSTEM.md)."""
-    old = matplotlib.get_backend()
-    matplotlib.use("Agg", force=True)
-    yield
-    matplotlib.use(old, force=True)
-
-
-def digits(n: int = 300):
-    try:
-        from kfac_lens.data import load_digits
-
-        ds = load_digits()
-        return ds.X[:n].float(), ds.y[:n].long()
-    except ImportError:  # pragma: no cover - data.py is written concurrently
-        from sklearn.datasets import load_digits as sk
-
-        b = sk()
-        return torch.tensor(b.data[:n] / 16.0, dtype=torch.float32), torch.tensor(b.target[:n])
-
-
-def trained_net(steps=100, seed=0, n=300):
-    X, y = digits(n)
-    torch.manual_seed(seed)
-    sizes = [64, 8, 8, 8, 8, 10]
-    mods = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        mods.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            mods.append(nn.Tanh())
-    model = nn.Sequential(*mods)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threading only costs on a busy 2-core box
-    try:
-        for _ in range(steps):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X), y).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model, X, y
-
-
 @pytest.fixture(scope="module")
 def net():
-    return trained_net()
+    return trained_net(steps=100, n=300)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from ..errors import SingularFactorError
 from ..memory import check_dense_fits
 from .damping import check_gamma
 from .factors import KroneckerFactors
-from .operators import BlockOperator, SymmetricEig
+from .operators import BlockOperator, PDFactor, SymmetricEig
 
 
 class KroneckerSumInverse:
@@ -26,23 +26,23 @@ class KroneckerSumInverse:
 
     With ``A^{-1/2} C A^{-1/2} = E₁S₁E₁ᵀ`` and ``B^{-1/2} D B^{-1/2} = E₂S₂E₂ᵀ``, ``K₁ = A^{-1/2}E₁``,
     ``K₂ = B^{-1/2}E₂``: ``(A⊗B ± C⊗D)⁻¹ vec(V) = vec(K₂ [(K₂ᵀ V K₁) ⊘ (11ᵀ ± s₂s₁ᵀ)] K₁ᵀ)``.
-    V has shape (dim B, dim A), matching ``(A⊗B) vec(V) = vec(B V Aᵀ)``. Eigendecompositions of A and B
-    already at hand may be passed as ``eig_A`` / ``eig_B``.
+    Any whitener W with W A Wᵀ = I may stand for A^{-1/2}; the Cholesky one is used (cheaper).
+    V has shape (dim B, dim A), matching ``(A⊗B) vec(V) = vec(B V Aᵀ)``. Cholesky factorisations of A and
+    B already at hand may be passed as ``pd_A`` / ``pd_B`` (:class:`PDFactor`).
     """
 
-    def __init__(self, A, B, C, D, sign: int = -1, name: str = "A⊗B ± C⊗D", tol_dtype=None,
-                 eig_A: SymmetricEig | None = None, eig_B: SymmetricEig | None = None):
+    def __init__(self, A, B, C, D, sign: int = -1, name: str = "A⊗B ± C⊗D", strict: bool = False,
+                 pd_A: PDFactor | None = None, pd_B: PDFactor | None = None):
         if sign not in (1, -1):
             raise ValueError("sign must be +1 or -1.")
-        eA = eig_A or SymmetricEig(A, f"{name}: A", check_singular=True, tol_dtype=tol_dtype)
-        eB = eig_B or SymmetricEig(B, f"{name}: B", check_singular=True, tol_dtype=tol_dtype)
-        # In float64 whatever the factors' dtype: 1 − s₂s₁ᵀ loses all precision in float32 at small γ.
+        # Whiten with Cholesky factors (W M Wᵀ = I; Appendix I only needs some such W, A^{-1/2} being one),
+        # in float64 whatever the dtype: 1 − s₂s₁ᵀ loses all precision in float32 at small γ.
         dtype = A.dtype
-        Ais = (eA._E64 / eA._s64.sqrt()) @ eA._E64.T
-        Bis = (eB._E64 / eB._s64.sqrt()) @ eB._E64.T
-        e1 = SymmetricEig(Ais @ C.double() @ Ais)
-        e2 = SymmetricEig(Bis @ D.double() @ Bis)
-        self.K1, self.K2 = (Ais @ e1.E).to(dtype), (Bis @ e2.E).to(dtype)
+        WA = (pd_A or PDFactor(A, f"{name}: A", strict)).whitener()
+        WB = (pd_B or PDFactor(B, f"{name}: B", strict)).whitener()
+        e1 = SymmetricEig(WA @ C.double() @ WA.T)
+        e2 = SymmetricEig(WB @ D.double() @ WB.T)
+        self.K1, self.K2 = (WA.T @ e1.E).to(dtype), (WB.T @ e2.E).to(dtype)
         den = 1.0 + sign * (e2.s[:, None] * e1.s[None, :])
         floor = 1e3 * torch.finfo(dtype).eps
         if float(den.min()) < floor:
@@ -72,18 +72,29 @@ class KroneckerSumInverse:
 class BlockDiagonalInverse(BlockOperator):
     """F̆⁻¹ with factored Tikhonov damping: ``U_k = (G_kk + γ/π I)⁻¹ V_k (Ā_kk + πγ I)⁻¹`` (Section 3.2, E.3)."""
 
-    def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
+    def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace", eigs: dict | None = None):
+        """``eigs`` (from :func:`factor_eigs`) shares one eigendecomposition of the undamped factors between
+        several γ (the optimizer's γ search); without it each damped factor is inverted by Cholesky."""
         self.gamma = check_gamma(gamma)
-        self._tol = torch.float64 if self.gamma > 0 else None
         sel = factors.select(layers)
         super().__init__(sel, [factors.shapes[k] for k in sel])
         self.pi = {k: factors.pi(k, pi) for k in sel}
         damped = factors.damped(self.gamma, pi)
         self.factors = damped
-        self.A_inv = [SymmetricEig(damped.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol).inv()
-                      for k in sel]
-        self.G_inv = [SymmetricEig(damped.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol).inv()
-                      for k in sel]
+        dtype = damped.dtype
+        self.A_inv, self.G_inv = [], []
+        for k in sel:
+            for table, out, shift, nm in ((damped.A, self.A_inv, self.pi[k] * self.gamma, "Ā"),
+                                          (damped.G, self.G_inv, self.gamma / self.pi[k], "G")):
+                name = f"{nm}[{k},{k}] (damped, γ={self.gamma:g})"
+                if eigs is not None and self.gamma > 0:
+                    e = eigs[(nm, k)]
+                    s_d = e._s64 + shift
+                    if float(s_d.min()) <= 0:
+                        raise SingularFactorError(f"{name} is not positive definite; increase gamma.")
+                    out.append(((e._E64 / s_d) @ e._E64.T).to(dtype))
+                else:
+                    out.append(PDFactor(table[k, k], name, strict=self.gamma == 0).inv().to(dtype))
 
     def apply_block(self, i, V):
         return self.G_inv[i] @ V @ self.A_inv[i]
@@ -113,7 +124,6 @@ class BlockTridiagonalInverse(BlockOperator):
 
     def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
         self.gamma = check_gamma(gamma)
-        self._tol = torch.float64 if self.gamma > 0 else None
         sel = factors.select(layers)
         super().__init__(sel, [factors.shapes[k] for k in sel])
         for k, l in zip(sel[:-1], sel[1:]):
@@ -129,8 +139,9 @@ class BlockTridiagonalInverse(BlockOperator):
         # at small γ), then keep the results in the factors' dtype.
         dtype = d.dtype
         d = d.to(torch.float64)
-        eigA = [SymmetricEig(d.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol) for k in sel]
-        eigG = [SymmetricEig(d.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", True, self._tol) for k in sel]
+        strict = self.gamma == 0
+        eigA = [PDFactor(d.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", strict) for k in sel]
+        eigG = [PDFactor(d.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", strict) for k in sel]
         self.A_inv = [e.inv() for e in eigA]
         self.G_inv = [e.inv() for e in eigG]
         self.psi_A, self.psi_G, self.sigma_inv = [], [], []
@@ -142,8 +153,8 @@ class BlockTridiagonalInverse(BlockOperator):
             C = pA @ d.A[k, l].T
             D = pG @ d.G[k, l].T
             self.sigma_inv.append(KroneckerSumInverse(d.A[k, k], d.G[k, k], 0.5 * (C + C.T), 0.5 * (D + D.T),
-                                                      sign=-1, name=f"Σ_{{{k}|{l}}}", tol_dtype=self._tol,
-                                                      eig_A=eigA[i], eig_B=eigG[i]).to(dtype))
+                                                      sign=-1, name=f"Σ_{{{k}|{l}}}", strict=strict,
+                                                      pd_A=eigA[i], pd_B=eigG[i]).to(dtype))
         for name in ("A_inv", "G_inv", "psi_A", "psi_G"):
             setattr(self, name, [t.to(dtype) for t in getattr(self, name)])
 
@@ -210,11 +221,23 @@ def block_tridiagonal_inverse(factors: KroneckerFactors, gamma: float, layers=No
     return BlockTridiagonalInverse(factors, gamma, layers, pi)
 
 
+def factor_eigs(factors: KroneckerFactors, layers=None) -> dict:
+    """Eigendecompositions of the undamped diagonal factors, keyed ("Ā"|"G", k), for
+    :class:`BlockDiagonalInverse`'s ``eigs`` (one decomposition serves every γ of a γ search)."""
+    out = {}
+    for k in factors.select(layers):
+        out[("Ā", k)] = SymmetricEig(factors.A[k, k])
+        out[("G", k)] = SymmetricEig(factors.G[k, k])
+    return out
+
+
 INVERSES = {"blockdiag": BlockDiagonalInverse, "tridiag": BlockTridiagonalInverse}
 
 
-def make_inverse(kind: str, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
-    """``kind``: "blockdiag" or "tridiag"."""
+def make_inverse(kind: str, factors: KroneckerFactors, gamma: float, layers=None, pi="trace", eigs=None):
+    """``kind``: "blockdiag" or "tridiag"; ``eigs`` (block-diagonal only) as in :class:`BlockDiagonalInverse`."""
     if kind not in INVERSES:
         raise ValueError(f"inverse must be one of {sorted(INVERSES)}, got {kind!r}.")
-    return INVERSES[kind](factors, gamma, layers, pi)
+    if kind == "blockdiag":
+        return BlockDiagonalInverse(factors, gamma, layers, pi, eigs=eigs)
+    return BlockTridiagonalInverse(factors, gamma, layers, pi)

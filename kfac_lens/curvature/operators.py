@@ -49,6 +49,34 @@ class SymmetricEig:
         return ((self._E64 / self._s64.sqrt()) @ self._E64.T).to(self.E.dtype)
 
 
+class PDFactor:
+    """A damped (positive-definite) factor through its Cholesky factor ``M = L Lᵀ``, in float64.
+
+    Gives ``M⁻¹`` and the whitener ``W = L⁻¹`` (``W M Wᵀ = I``), which is all Appendix I needs, at a
+    fraction of an eigendecomposition's cost. Raises :class:`SingularFactorError` when M is not
+    positive definite; with ``strict`` (γ = 0) also when it is singular to M's own precision.
+    """
+
+    def __init__(self, M: torch.Tensor, name: str = "factor", strict: bool = False):
+        if strict:
+            SymmetricEig(M, name, check_singular=True)
+        M64 = M.double()
+        L, info = torch.linalg.cholesky_ex(0.5 * (M64 + M64.T))
+        if int(info) != 0:
+            raise SingularFactorError(
+                f"{name} is not positive definite (Cholesky fails at column {int(info)}), so it cannot be "
+                "inverted at this damping. Pass gamma > 0 or a larger gamma (Appendix E.3)."
+            )
+        self.L = L
+
+    def inv(self) -> torch.Tensor:
+        return torch.cholesky_inverse(self.L)
+
+    def whitener(self) -> torch.Tensor:
+        eye = torch.eye(self.L.shape[0], dtype=self.L.dtype, device=self.L.device)
+        return torch.linalg.solve_triangular(self.L, eye, upper=False)
+
+
 class BlockOperator:
     """A linear operator on the parameters of ``layers`` (0-based Linear indices).
 

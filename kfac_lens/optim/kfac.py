@@ -26,7 +26,7 @@ import torch
 from ..capture import check_inputs, forward
 from ..curvature.factors import KroneckerFactors, compute_factors
 from ..curvature.fisher import fisher_gram
-from ..curvature.inverses import BlockDiagonalInverse, make_inverse
+from ..curvature.inverses import BlockDiagonalInverse, factor_eigs, make_inverse
 from ..errors import NonFiniteError
 from ..likelihoods import get_likelihood
 from ..nets import NetworkView
@@ -186,9 +186,16 @@ class KFAC:
         else:
             self.factors.ema_(new, ema_decay(k, float(self._h("eps_max", k))))
 
-    def _build_inverse(self, gamma: float, factors: KroneckerFactors | None = None):
+    def _build_inverse(self, gamma: float, factors: KroneckerFactors | None = None, eigs=None):
         return make_inverse(self.inverse_kind, self.factors if factors is None else factors, gamma,
-                            pi=self._h("pi"))
+                            pi=self._h("pi"), eigs=eigs)
+
+    def _shared_eigs(self, n_gammas: int):
+        """For several block-diagonal inverses of the same factors (the γ search), one eigendecomposition of
+        each undamped factor serves every γ."""
+        if self.inverse_kind == "blockdiag" and n_gammas > 1:
+            return factor_eigs(self.factors)
+        return None
 
     def _proposal_direction(self, inv, grad, pieces, params, eta, m) -> list[torch.Tensor]:
         """Δ = −F̃⁻¹∇h, using Appendix G's low-rank form where it is cheaper (block-diagonal only)."""
@@ -265,8 +272,9 @@ class KFAC:
         S2 = self._subset(m, float(self._h("tau2")))
         x2 = x[S2]
         best, best_inv = None, None
+        eigs = self._shared_eigs(len(candidates)) if (refresh or self.inverse is None) else None
         for gamma in candidates:
-            inv = self._build_inverse(gamma) if (refresh or self.inverse is None) else self.inverse
+            inv = self._build_inverse(gamma, eigs=eigs) if (refresh or self.inverse is None) else self.inverse
             Delta = self._proposal_direction(inv, grad, pieces, params, eta, m)
             prop = self._combine(Delta, grad, x2, self.lam, eta, gamma, bool(self._h("rescale")),
                                  bool(self._h("momentum")))
@@ -357,7 +365,9 @@ class KFAC:
         for g in tqdm(list(gammas), desc="γ sweep", disable=not progress, leave=False):
             key = ("Delta", float(g))
             if key not in cache:
-                inv = self._build_inverse(float(g))
+                if "eigs" not in cache:
+                    cache["eigs"] = self._shared_eigs(len(gammas))
+                inv = self._build_inverse(float(g), eigs=cache["eigs"])
                 cache[key] = self._proposal_direction(inv, grad, pieces, params, eta, x.shape[0])
             Delta = cache[key]
             gkey = ("grams", float(g))

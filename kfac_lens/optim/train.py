@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..capture import check_inputs
+from ..capture import all_finite, check_inputs
 from ..errors import NonFiniteError
 from ..likelihoods import Bernoulli, Categorical, Likelihood
 from .schedules import exponential_batch_sizes
@@ -70,7 +70,7 @@ def load_checkpoint(path, map_location=None) -> dict:
 
 def _check_parameters(model, it: int, checkpoint) -> None:
     """Raise NonFiniteError when a parameter is NaN/Inf, so that such a state is never checkpointed."""
-    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if all_finite(model.parameters()):
         return
     where = f" The last good checkpoint is {checkpoint}." if checkpoint else ""
     raise NonFiniteError(f"the parameters contain NaN or Inf after iteration {it}; training has "
