@@ -257,7 +257,7 @@ def autoencoder(preset: str = "quick", data: str = "mnist", *, cache_dir=None, d
 
 
 def training_comparison(preset: str = "quick", data: str = "mnist", *, iterations: int | None = None,
-                        sgd_lr: float = 0.03, adam_lr: float = 3e-3, batch_size: int = 500, cache_dir=None,
+                        sgd_lr: float = 0.03, adam_lr: float = 1e-2, batch_size: int = 500, cache_dir=None,
                         device=None, progress: bool = True, retrain: bool = False,
                         seed: int = 0) -> dict[str, pd.DataFrame]:
     """Histories of K-FAC (block-diagonal and block-tridiagonal, the paper's exponential batch schedule,
