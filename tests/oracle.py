@@ -438,3 +438,11 @@ def make_inputs(net: nn.Module, N: int, seed: int = 1) -> torch.Tensor:
 
 def n_outputs(net: nn.Module) -> int:
     return linears(net)[-1].out_features
+
+
+def problem(kind, family, n=10, seed=1):
+    """A test network of ``kind``, n inputs and random targets for ``family`` (shared by the core tests)."""
+    net = make_net(kind)
+    X = make_inputs(net, n, seed=seed)
+    y = random_targets(family, n, n_outputs(net), torch.Generator().manual_seed(seed + 100))
+    return net, X, y

@@ -16,10 +16,7 @@ CASES = [("d2", None), ("d3", None), ("d4", None), ("d4", [1, 2]), ("d4", [0, 2]
 
 
 def problem(kind, family, n=N, seed=1):
-    net = O.make_net(kind)
-    X = O.make_inputs(net, n, seed=seed)
-    y = O.random_targets(family, n, O.n_outputs(net), torch.Generator().manual_seed(seed + 100))
-    return net, X, y
+    return O.problem(kind, family, n, seed)
 
 
 def assert_factors_equal(f, A, G, sel):
