@@ -157,6 +157,9 @@ def backward_directions(z: torch.Tensor, s: dict[int, torch.Tensor], layers: Seq
                         V: torch.Tensor, *, retain_graph: bool = False) -> dict[int, torch.Tensor]:
     """Backpropagate R output directions V (R, n, C) at once; returns g_k of shape (R, n, d_out)."""
     outs = [s[k] for k in layers]
+    if V.shape[0] == 1:  # one direction (sampled or training targets): a plain backward pass, no vmap
+        grads = torch.autograd.grad(z, outs, grad_outputs=V[0], retain_graph=retain_graph)
+        return {k: g.detach()[None] for k, g in zip(layers, grads)}
     try:
         grads = torch.autograd.grad(z, outs, grad_outputs=V, is_grads_batched=True, retain_graph=retain_graph)
     except RuntimeError:
