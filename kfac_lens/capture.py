@@ -79,7 +79,7 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torc
         raise NonFiniteError(f"the weights of layer(s) {bad} contain NaN or Inf; reload a good checkpoint "
                              "or re-initialise the model.")
     X = X.to(device=view.device, dtype=view.dtype)
-    if not torch.isfinite(X).all():
+    if not all_finite([X]):
         raise NonFiniteError(f"{what} contains NaN or Inf; clean or drop those cases first.")
     if y is not None:
         if isinstance(y, np.ndarray):
@@ -91,7 +91,7 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torc
         y = y.to(view.device)
         if y.dtype.is_floating_point:
             y = y.to(view.dtype)
-            if not torch.isfinite(y).all():
+            if not all_finite([y]):
                 raise NonFiniteError("y contains NaN or Inf; clean or drop those cases first.")
     return X, y
 
@@ -133,10 +133,12 @@ def forward(view: NetworkView, X: torch.Tensor, layers: Sequence[int], *, track:
                 inp = torch.cat([inp, torch.ones_like(inp[:, :1])], dim=1)
             a[k] = inp
             s[k] = output
-            # Hand the rest of the network a copy: an in-place module after the layer (ReLU(inplace=True))
-            # would otherwise overwrite s_k, and autograd would then give ∂L/∂φ(s_k) instead of ∂L/∂s_k.
-            return output.clone() if track else None
+            # Hand the rest of the network a copy when it has an in-place module (ReLU(inplace=True)):
+            # that would otherwise overwrite s_k, and autograd would give ∂L/∂φ(s_k) instead of ∂L/∂s_k.
+            return output.clone() if (track and inplace) else None
         return fn
+
+    inplace = any(getattr(mod, "inplace", False) for mod in view.sequence)
 
     for k in wanted:
         layer = view.layers[k]
