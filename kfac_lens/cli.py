@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ def run_figures(args) -> int:
     from .data import DataUnavailableError
 
     t_start = time.perf_counter()
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also silences the progress bars of the library calls
     device = _device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

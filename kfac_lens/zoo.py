@@ -15,6 +15,7 @@ Figures 6 and 7 need the γ, λ and δ₀ K-FAC held at that iteration.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -34,6 +35,9 @@ EXAMPLE_PRESETS = {
     "quick": dict(n_train=50000, max_iterations=400, target_error=0.05, lambda_init=1.0, eta=0.0),
     "paper": dict(n_train=50000, max_iterations=2000, target_error=0.05, lambda_init=1.0, eta=0.0),
 }
+
+# Iterations of the example network's training whose weights are kept (FisherExplorer picks among them).
+SNAPSHOT_ITERATIONS = (1, 5, 10, 20, 40)
 
 # Cases of the training set on which the figures compute F, F̃ and their inverses exactly.
 EXAMPLE_ANALYSIS_CASES = {"quick": 50000, "paper": 50000}
@@ -63,7 +67,7 @@ def default_device() -> torch.device:
 
 
 # Bump when a recipe changes what it trains, so that stale cache files are not served.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 def config_hash(config: dict) -> str:
@@ -148,6 +152,24 @@ class ZooEntry:
     def lam(self) -> float:
         return self.optimizer.lam
 
+    @property
+    def snapshot_iterations(self) -> list[int]:
+        """Iterations at which the recipe kept a copy of the weights (besides the captured one)."""
+        return sorted(self.extra.get("snapshots", {}))
+
+    def at_iteration(self, iteration: int) -> nn.Sequential:
+        """A copy of the network with its weights after ``iteration`` (a snapshot, or the captured one)."""
+        if iteration == self.iteration:
+            state = self.model.state_dict()
+        elif iteration in self.extra.get("snapshots", {}):
+            state = self.extra["snapshots"][iteration]
+        else:
+            raise ValueError(f"{self.name} has weights for iterations {self.snapshot_iterations + [self.iteration]}, "
+                             f"not {iteration}.")
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(state)
+        return model
+
     def __repr__(self) -> str:
         err = self.history["error"].dropna()
         return (f"ZooEntry({self.name!r}, iteration={self.iteration}, γ={self.gamma:.4g}, λ={self.lam:.4g}, "
@@ -165,10 +187,11 @@ def _load_or_train(name, config, build, train_fn, likelihood, data, cache_dir, d
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         return ZooEntry(name, config, model, likelihood, data, ck["history"], opt, path, ck.get("extra", {}))
-    history = train_fn(model, opt)
+    out = train_fn(model, opt)
+    history, extra = out if isinstance(out, tuple) else (out, {})
     save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                           "config": config, "extra": {}})
-    return ZooEntry(name, config, model, likelihood, data, history, opt, path)
+                           "config": config, "extra": extra})
+    return ZooEntry(name, config, model, likelihood, data, history, opt, path, extra)
 
 
 def example_network(preset: str = "quick", data: str = "mnist", *, cache_dir=None, device=None,
@@ -191,10 +214,12 @@ def example_network(preset: str = "quick", data: str = "mnist", *, cache_dir=Non
         pass
 
     def run(model, opt):
-        rows = []
+        rows, snapshots = [], {}
 
         def stop_at_target(it, row):
             rows.append(row)
+            if it in SNAPSHOT_ITERATIONS:
+                snapshots[it] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if row.get("error", 1.0) <= p["target_error"]:
                 raise _Stop
 
@@ -204,7 +229,7 @@ def example_network(preset: str = "quick", data: str = "mnist", *, cache_dir=Non
                   callback=stop_at_target)
         except _Stop:
             pass
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows), {"snapshots": snapshots}
 
     def build():
         torch.manual_seed(seed)
