@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -233,7 +234,8 @@ def iter_captures(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, la
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     n_chunks = math.ceil(N / chunk_size)
-    show = (n_chunks > 4) if progress is None else bool(progress)
+    # Automatic bars for long captures, unless KFAC_LENS_QUIET is set (the CLI's --quiet sets it).
+    show = (n_chunks > 4 and not os.environ.get("KFAC_LENS_QUIET")) if progress is None else bool(progress)
     for start in tqdm(range(0, N, chunk_size), total=n_chunks, desc=desc, disable=not show, leave=False):
         sl = slice(start, start + chunk_size)
         yield capture(view, X[sl], likelihood, layers, estimator,

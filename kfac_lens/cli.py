@@ -37,7 +37,7 @@ def run_figures(args) -> int:
 
     t_start = time.perf_counter()
     if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # also silences the progress bars of the library calls
+        os.environ["KFAC_LENS_QUIET"] = "1"  # also silences the library's automatic progress bars
     device = _device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
