@@ -215,7 +215,7 @@ def default_chunk(view: NetworkView, n_directions: int, extra_per_case: int = 0,
     return max(1, budget_elems // max(per_case, 1))
 
 
-def n_directions(likelihood: Likelihood, view: NetworkView, estimator: str, samples: int) -> int:
+def n_directions(view: NetworkView, estimator: str, samples: int) -> int:
     if estimator == "exact":
         return view.layers[-1].d_out
     return samples if estimator == "mc" else 1
@@ -229,7 +229,7 @@ def iter_captures(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, la
     """Captures over chunks of cases, so that memory does not grow with N."""
     N = X.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk(view, n_directions(likelihood, view, estimator, samples), extra_per_case)
+        chunk_size = default_chunk(view, n_directions(view, estimator, samples), extra_per_case)
     chunk_size = int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")

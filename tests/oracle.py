@@ -440,7 +440,12 @@ def n_outputs(net: nn.Module) -> int:
     return linears(net)[-1].out_features
 
 
-def problem(kind, family, n=10, seed=1):
+N_CASES = 10  # cases per test problem
+# (network kind, layer subset) pairs the core tests sweep
+NET_CASES = [("d2", None), ("d3", None), ("d4", None), ("d4", [1, 2]), ("d4", [0, 2]), ("d3", [0, 2])]
+
+
+def problem(kind, family, n=N_CASES, seed=1):
     """A test network of ``kind``, n inputs and random targets for ``family`` (shared by the core tests)."""
     net = make_net(kind)
     X = make_inputs(net, n, seed=seed)

@@ -11,12 +11,7 @@ from kfac_lens import exact_fisher, kronecker_factors
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TOL = 1e-10
-N = 10
-CASES = [("d2", None), ("d3", None), ("d4", None), ("d4", [1, 2]), ("d4", [0, 2]), ("d3", [0, 2])]
-
-
-def problem(kind, family, n=N, seed=1):
-    return O.problem(kind, family, n, seed)
+problem, N, CASES = O.problem, O.N_CASES, O.NET_CASES
 
 
 def assert_factors_equal(f, A, G, sel):
