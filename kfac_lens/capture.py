@@ -20,11 +20,13 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteError
@@ -61,8 +63,30 @@ def analysis_view(model, dtype: torch.dtype | None) -> NetworkView:
     return NetworkView(copy.deepcopy(view.model).to(dtype))
 
 
-def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Move X (and y) to the model's device and dtype; reject bad shapes and non-finite values."""
+# Output modules that already apply the likelihood's own link (softmax / sigmoid), by likelihood name.
+_LINK_MODULES = {"categorical": (nn.Softmax, nn.LogSoftmax), "bernoulli": (nn.Sigmoid,)}
+
+
+def warn_if_link_applied_twice(view: NetworkView, likelihood: Likelihood) -> None:
+    """Warn when the network ends in the nonlinearity that the likelihood applies itself (Section 2:
+    the likelihood takes the *natural parameters* z, e.g. logits), so it would be applied twice."""
+    last = view.sequence[-1]
+    if isinstance(last, _LINK_MODULES.get(likelihood.name, ())):
+        warnings.warn(
+            f"the network ends in {type(last).__name__}, and the {likelihood.name} likelihood applies "
+            f"{'softmax' if likelihood.name == 'categorical' else 'the sigmoid'} to the network output "
+            "itself, so it would be applied twice and the Fisher would be that of another model. "
+            f"Drop the final {type(last).__name__} so that the network outputs logits.",
+            UserWarning, stacklevel=3)
+
+
+def check_inputs(view: NetworkView, X, y=None, *, what: str = "X",
+                 likelihood: Likelihood | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Move X (and y) to the model's device and dtype; reject bad shapes and non-finite values.
+
+    With ``likelihood``, also warn when the network's last module applies the likelihood's link."""
+    if likelihood is not None:
+        warn_if_link_applied_twice(view, likelihood)
     if isinstance(X, np.ndarray):
         X = torch.from_numpy(X)
     if not isinstance(X, torch.Tensor):
@@ -75,6 +99,8 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torc
         )
     if X.shape[0] == 0:
         raise ValueError(f"{what} holds no cases (N = 0).")
+    if X.dtype == torch.bool or X.is_complex():
+        raise TypeError(f"{what} has dtype {X.dtype}; pass real numbers (e.g. {what}.float()).")
     if not all_finite(view.model.parameters()):
         bad = [k for k, L in enumerate(view.layers) if not all_finite(L.module.parameters())]
         raise NonFiniteError(f"the weights of layer(s) {bad} contain NaN or Inf; reload a good checkpoint "
@@ -98,10 +124,21 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X") -> tuple[torc
 
 
 def all_finite(tensors) -> bool:
-    """True when no tensor holds NaN or Inf: one float64 sum per tensor and a single host sync
-    (a sum is non-finite exactly when an entry is; float64 cannot overflow on float32 entries)."""
-    sums = [t.detach().sum(dtype=torch.float64) for t in tensors]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+    """True when no tensor holds NaN or Inf, with a single host sync. Tested entry by entry (a sum
+    would overflow on huge but finite entries such as 1.7e308)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point() or t.is_complex()]
+    return not flags or bool(torch.stack(flags).all())
+
+
+def positive_int(value, name: str, meaning: str = "") -> int:
+    """``value`` as a positive Python int; a ``ValueError`` naming ``name`` otherwise (2.5, 0, True, "3")."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        ok = True
+    if not ok or int(value) < 1:
+        extra = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}.")
+    return int(value)
 
 
 def make_generator(device: torch.device, generator: torch.Generator | None, seed: int | None):
@@ -147,7 +184,8 @@ def forward(view: NetworkView, X: torch.Tensor, layers: Sequence[int], *, track:
     try:
         with torch.enable_grad() if track else torch.no_grad():
             X_in = X.detach().requires_grad_(True) if track else X
-            z = view.model(X_in)
+            # An in-place first module must not write into X (or into a leaf that requires grad).
+            z = view.model(X_in.clone() if inplace else X_in)
     finally:
         for h in handles:
             h.remove()
@@ -193,8 +231,8 @@ def check_estimator(estimator: str, y, samples: int) -> None:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
     if estimator == "empirical" and y is None:
         raise ValueError("the empirical Fisher needs the training targets: pass y=.")
-    if estimator == "mc" and (int(samples) != samples or samples < 1):
-        raise ValueError(f"samples must be a positive integer, got {samples!r}.")
+    if estimator == "mc":
+        positive_int(samples, "samples", "targets sampled per case")
 
 
 def capture(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int],
@@ -202,6 +240,10 @@ def capture(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: 
             generator: torch.Generator | None = None) -> Capture:
     """Capture ā_k and g_k on one chunk of (already checked) cases."""
     z, a, s = forward(view, X, layers)
+    if not all_finite([z]):
+        raise NonFiniteError(
+            "the network output is NaN or Inf on finite inputs: the forward pass overflows (in "
+            f"{view.dtype}). Scale the inputs or the weights down, or analyse in float64 (dtype=torch.float64).")
     V, w = output_directions(likelihood, z, estimator, y, samples, generator)
     g = backward_directions(z, s, layers, V.to(z.dtype))
     return Capture(a=a, g=g, weight=w, z=z.detach())
@@ -230,9 +272,7 @@ def iter_captures(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, la
     N = X.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk(view, n_directions(view, estimator, samples), extra_per_case)
-    chunk_size = int(chunk_size)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    chunk_size = positive_int(chunk_size, "chunk_size", "a number of cases per chunk, or None for automatic")
     n_chunks = math.ceil(N / chunk_size)
     # Automatic bars for long captures, unless KFAC_LENS_QUIET is set (the CLI's --quiet sets it).
     show = (n_chunks > 4 and not os.environ.get("KFAC_LENS_QUIET")) if progress is None else bool(progress)

@@ -57,10 +57,10 @@ class Categorical(Likelihood):
     name = "categorical"
 
     def check_targets(self, z, y):
-        if y.dtype.is_floating_point or y.shape != z.shape[:1]:
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != z.shape[:1]:
             raise ValueError(
-                f"categorical targets must be integer class indices of shape ({z.shape[0]},), got "
-                f"{tuple(y.shape)} {y.dtype}."
+                f"categorical targets must be integer class indices of shape ({z.shape[0]},), got shape "
+                f"{tuple(y.shape)} and dtype {y.dtype}; pass y.long() of class indices (not one-hot rows)."
             )
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= z.shape[1]):
             raise ValueError(f"categorical targets must lie in 0..{z.shape[1] - 1}.")
@@ -87,6 +87,16 @@ class Categorical(Likelihood):
         return p * v - p * (p * v).sum(1, keepdim=True)
 
 
+def _check_float_targets(name: str, z: torch.Tensor, y: torch.Tensor) -> None:
+    """Targets of a per-output likelihood: floating point, one per output unit."""
+    if not y.dtype.is_floating_point:
+        raise ValueError(f"{name} targets must be floating point, got dtype {y.dtype}; convert them with "
+                         "y.float() (or y.double()).")
+    if y.shape != z.shape:
+        raise ValueError(f"{name} targets must have the network output's shape {tuple(z.shape)}, "
+                         f"got {tuple(y.shape)}.")
+
+
 class Bernoulli(Likelihood):
     """Sigmoid cross-entropy per output (autoencoders). Targets in [0, 1] (soft targets allowed for the loss).
 
@@ -96,8 +106,7 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def check_targets(self, z, y):
-        if not y.dtype.is_floating_point or y.shape != z.shape:
-            raise ValueError(f"bernoulli targets must be floats of shape {tuple(z.shape)}, got {tuple(y.shape)}.")
+        _check_float_targets(self.name, z, y)
         if y.numel() and (float(y.min()) < 0 or float(y.max()) > 1):
             raise ValueError("bernoulli targets must lie in [0, 1].")
         return y
@@ -129,8 +138,7 @@ class Gaussian(Likelihood):
     name = "gaussian"
 
     def check_targets(self, z, y):
-        if not y.dtype.is_floating_point or y.shape != z.shape:
-            raise ValueError(f"gaussian targets must be floats of shape {tuple(z.shape)}, got {tuple(y.shape)}.")
+        _check_float_targets(self.name, z, y)
         return y
 
     def per_case_nll(self, z, y):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,8 +58,12 @@ class Layer:
 
 
 def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The modules of a (nested) Sequential in call order, *including* repeated uses of one module
+    (``named_children`` would drop them)."""
     out = []
-    for name, child in model.named_children():
+    for name, child in model._modules.items():
+        if child is None:
+            continue
         full = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             out.extend(_flatten_sequential(child, full + "."))
@@ -88,8 +93,10 @@ class NetworkView:
             )
         self.model = model
         layers: list[Layer] = []
-        self.sequence: tuple[nn.Module, ...] = tuple(mod for _, mod in _flatten_sequential(model))
-        for name, mod in _flatten_sequential(model):
+        flat = _flatten_sequential(model)
+        self.sequence: tuple[nn.Module, ...] = tuple(mod for _, mod in flat)
+        _refuse_reused_parameters(flat)
+        for name, mod in flat:
             if isinstance(mod, nn.Linear):
                 layers.append(Layer(len(layers), mod))
                 continue
@@ -112,6 +119,7 @@ class NetworkView:
         if not layers:
             raise UnsupportedModelError(f"the model has no nn.Linear layer; kfac_lens reads {self.SUPPORTED}.")
         self.layers: tuple[Layer, ...] = tuple(layers)
+        _refuse_unusable_devices(model, flat)
 
     # ----------------------------------------------------------------- selection and sizes
     def __len__(self) -> int:
@@ -121,7 +129,7 @@ class NetworkView:
         """Validate a layer subset (0-based Linear indices); ``None`` means all layers."""
         if layers is None:
             return list(range(len(self.layers)))
-        sel = [int(k) for k in layers]
+        sel = layer_indices(layers)
         n = len(self.layers)
         bad = [k for k in sel if not 0 <= k < n]
         if bad:
@@ -211,6 +219,67 @@ class NetworkView:
             out.append(slice(start, start + d_out * a_dim))
             start += d_out * a_dim
         return out
+
+
+def layer_indices(layers, name: str = "layers") -> list[int]:
+    """``layers`` as a list of Python ints; a ``TypeError`` naming the argument for anything else
+    (a bare int, floats such as 1.2, bools, strings)."""
+    if isinstance(layers, (int, str, bytes)) or (isinstance(layers, torch.Tensor) and layers.ndim == 0):
+        raise TypeError(f"{name} must be a list of 0-based layer indices, e.g. {name}=[{layers!r}], "
+                        f"got the single value {layers!r}.")
+    try:
+        items = list(layers)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of 0-based layer indices such as [1, 2], "
+                        f"got {type(layers).__name__}.") from None
+    out = []
+    for k in items:
+        if isinstance(k, torch.Tensor) and k.ndim == 0 and not k.is_floating_point() and k.dtype != torch.bool:
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"{name}={items!r} holds {k!r} ({type(k).__name__}); layer indices must be "
+                            "integers (0-based positions among the nn.Linear layers).")
+        out.append(int(k))
+    return out
+
+
+def layer_index(k, name: str) -> int:
+    """One 0-based layer index given as ``name`` (e.g. ``k`` of a block), checked like :func:`layer_indices`."""
+    if isinstance(k, (list, tuple)):
+        raise TypeError(f"{name} must be a single integer layer index, got {k!r}.")
+    return layer_indices([k], name)[0]
+
+
+def _refuse_reused_parameters(flat: list[tuple[str, nn.Module]]) -> None:
+    """A module with parameters that runs more than once in the chain (tied weights) would be read as
+    one layer and its other uses dropped: refuse it by name."""
+    seen: dict[int, str] = {}
+    for name, mod in flat:
+        if not any(True for _ in mod.parameters()):
+            continue
+        if id(mod) in seen:
+            raise UnsupportedModelError(
+                f"module '{name}' ({type(mod).__name__}) is the same module as '{seen[id(mod)]}': its weights "
+                "are used more than once in the forward pass (tied or shared weights). kfac_lens reads each "
+                "Linear as one layer used once; give each use its own nn.Linear (copy.deepcopy) to analyse "
+                "them as separate layers."
+            )
+        seen[id(mod)] = name
+
+
+def _refuse_unusable_devices(model: nn.Module, flat) -> None:
+    """Parameters on the meta device hold no numbers, and layers on several devices cannot be chained."""
+    devices = {p.device for p in model.parameters()}
+    if any(d.type == "meta" for d in devices):
+        raise UnsupportedModelError(
+            "the model's parameters are on the 'meta' device, so they hold no values to analyse. "
+            "Materialise it first: model.to_empty(device='cpu') followed by model.load_state_dict(...)."
+        )
+    if len(devices) > 1:
+        raise UnsupportedModelError(
+            f"the model's parameters are spread over several devices {sorted(map(str, devices))}; "
+            "move it to one device with model.to(device)."
+        )
 
 
 def _linear_to_matrix(mod: nn.Linear, get) -> torch.Tensor:

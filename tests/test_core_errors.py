@@ -217,3 +217,75 @@ def test_operator_shape_errors():
         op.apply([torch.zeros(7, 6, dtype=torch.float64)])
     with pytest.raises(ValueError, match="expects a matrix of shape"):
         op.apply([torch.zeros(7, 5, dtype=torch.float64), torch.zeros(3, 8), torch.zeros(4, 4)])
+
+
+# ----------------------------------------------------------------------------- bad input that once got no clear answer
+@pytest.mark.parametrize("layers,match", [
+    (1, r"layers must be a list.*layers=\[1\]"),
+    ([0.6, 1.2], r"0\.6.*integers"),
+    ([True, 2], r"True.*integers"),
+    ("01", r"layers must be a list"),
+    (torch.tensor(1), r"layers must be a list"),
+])
+def test_layers_of_the_wrong_type(layers, match):
+    """A bare int, floats (once silently truncated to [0, 1]), bools and strings are refused by name."""
+    net, X = small()
+    for call in (lambda: exact_fisher(net, X, "gaussian", layers=layers),
+                 lambda: kronecker_factors(net, X, "gaussian", layers=layers),
+                 lambda: fisher_vector_product(net, X, "gaussian", torch.zeros(3), layers=layers)):
+        with pytest.raises(TypeError, match=match):
+            call()
+
+
+def test_integer_like_layers_are_accepted():
+    import numpy as np
+    net, X = small()
+    F = exact_fisher(net, X, "gaussian", layers=[1, 2])
+    for same in ((1, 2), np.array([1, 2]), torch.tensor([1, 2]), range(1, 3)):
+        assert torch.equal(exact_fisher(net, X, "gaussian", layers=same), F)  # the same code path
+
+
+@pytest.mark.parametrize("k", [1.9, "1"])
+def test_cumulant_block_index_of_the_wrong_type(k):
+    net, X = small()
+    with pytest.raises(TypeError, match="integers|integer"):
+        cumulant_terms(net, X, "categorical", k, 2)
+
+
+def test_model_on_the_meta_device():
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"'meta' device.*to_empty"):
+        exact_fisher(net, torch.zeros(2, 3), "gaussian")
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, "8", True])
+def test_bad_chunk_size(chunk_size):
+    net, X = small()
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        fisher_vector_product(net, X, "gaussian", torch.zeros(31, dtype=torch.float64), chunk_size=chunk_size)
+    if chunk_size is not True:
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            exact_fisher(net, X, "gaussian", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("samples", [0, 2.5, "3"])
+def test_bad_samples(samples):
+    net, X = small()
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        kronecker_factors(net, X, "gaussian", estimator="mc", samples=samples)
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "gaussian"])
+def test_integer_targets_for_a_per_output_likelihood_name_the_dtype(family):
+    net, X = small()
+    y = torch.ones(X.shape[0], 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"floating point, got dtype torch\.int64.*y\.float\(\)"):
+        empirical_fisher(net, X, y, family)
+
+
+def test_one_hot_categorical_targets_name_the_fix():
+    net, X = small()
+    y = torch.nn.functional.one_hot(torch.zeros(X.shape[0], dtype=torch.long), 4).double()
+    with pytest.raises(ValueError, match=r"dtype torch\.float64.*class indices"):
+        empirical_fisher(net, X, y, "categorical")

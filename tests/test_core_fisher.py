@@ -32,8 +32,7 @@ def test_exact_fisher_matches_definition(kind, layers, family):
     F = exact_fisher(net, X, family, layers=layers)
     Fo = O.exact_fisher(net, X, family, layers)
     assert F.dtype == torch.float64 and F.shape == Fo.shape
-    assert O.rel(F, Fo) < TOL
-    assert torch.equal(F, F.T)
+    assert O.rel(F, Fo) < TOL  # symmetry and PSD: test_core_silent_errors.py
 
 
 @pytest.mark.parametrize("family", O.FAMILIES)

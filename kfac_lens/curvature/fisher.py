@@ -15,7 +15,17 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from ..capture import Capture, analysis_view, check_estimator, check_inputs, iter_captures, make_generator
+from ..capture import (
+    Capture,
+    all_finite,
+    analysis_view,
+    as_view,
+    check_estimator,
+    check_inputs,
+    iter_captures,
+    make_generator,
+)
+from ..errors import NonFiniteError
 from ..likelihoods import Likelihood, get_likelihood
 from ..memory import check_dense_fits
 from ..nets import NetworkView
@@ -33,7 +43,11 @@ def _block_update(cap: Capture, ki: int, kj: int) -> torch.Tensor:
 
 def dense_fisher_from_captures(captures: Iterable[Capture], view: NetworkView, layers: Sequence[int],
                                n_cases: int, out: torch.Tensor) -> torch.Tensor:
-    """Accumulate (1/N) Σ over captured cases into ``out`` (P×P, zeroed), upper block triangle then mirror."""
+    """Accumulate (1/N) Σ over captured cases into ``out`` (P×P, zeroed), upper block triangle then mirror.
+
+    The result is exactly symmetric by construction: a diagonal block is replaced by ½(B + Bᵀ) (its GEMM
+    need not round symmetrically) and each lower block is the transpose of its upper one.
+    """
     slices = view.block_slices(layers)
     for cap in captures:
         for bi, ki in enumerate(layers):
@@ -41,6 +55,8 @@ def dense_fisher_from_captures(captures: Iterable[Capture], view: NetworkView, l
                 out[slices[bi], slices[bj]] += _block_update(cap, ki, layers[bj])
     out /= n_cases
     for bi in range(len(layers)):
+        B = out[slices[bi], slices[bi]]
+        out[slices[bi], slices[bi]] = 0.5 * (B + B.T)
         for bj in range(bi + 1, len(layers)):
             out[slices[bj], slices[bi]] = out[slices[bi], slices[bj]].T
     return out
@@ -60,7 +76,7 @@ def fisher(model, X, likelihood: str | Likelihood, estimator: str = "exact", y=N
     check_estimator(estimator, y, samples)
     view = analysis_view(model, dtype)
     sel = view.select(layers)
-    X, y = check_inputs(view, X, y)
+    X, y = check_inputs(view, X, y, likelihood=lik)
     P = view.n_params(sel)
     check_dense_fits(P, view.dtype, view.device, max_bytes=max_bytes, what=f"{estimator} Fisher")
     shapes = [view.layers[k].shape for k in sel]
@@ -69,7 +85,12 @@ def fisher(model, X, likelihood: str | Likelihood, estimator: str = "exact", y=N
     caps = iter_captures(view, X, lik, sel, estimator, y, samples, gen, chunk_size,
                          extra_per_case=extra, progress=progress, desc=f"{estimator} Fisher")
     out = torch.zeros(P, P, dtype=view.dtype, device=view.device)
-    return dense_fisher_from_captures(caps, view, sel, X.shape[0], out)
+    F = dense_fisher_from_captures(caps, view, sel, X.shape[0], out)
+    if not all_finite([F]):
+        raise NonFiniteError(
+            f"the {estimator} Fisher overflows {view.dtype} although X and the weights are finite (largest |x| = "
+            f"{float(X.abs().max()):.3g}): its entries are products of squared activations. Scale the inputs down.")
+    return F
 
 
 def exact_fisher(model, X, likelihood, layers=None, dtype=torch.float64, **kw) -> torch.Tensor:
@@ -104,8 +125,11 @@ def _layer_function(view: NetworkView, X: torch.Tensor, sel: Sequence[int]):
         if bn is not None:
             params[bn] = mod.bias.detach()
 
+    # An in-place module must not write into X, which the transforms below capture.
+    inplace = any(getattr(mod, "inplace", False) for mod in view.sequence)
+
     def f(p):
-        return functional_call(view.model, p, (X,))
+        return functional_call(view.model, p, (X.clone() if inplace else X,))
 
     return f, params, names
 
@@ -138,30 +162,39 @@ _ELEMENTWISE_DERIVATIVE = {
 
 
 def _linearized_module(mod: nn.Module, a: torch.Tensor, da: torch.Tensor | None):
-    """(mod(a), J_mod(a) · da[t] for each tangent t) for a parameter-free module."""
+    """(mod(a), J_mod(a) · da[t] for each tangent t) for a parameter-free module.
+
+    An in-place module (``inplace=True``) runs on a fresh copy of its input at every call: it would
+    otherwise overwrite ``a``, and the next tangent's product would apply it a second time.
+    """
+    run = (lambda u: mod(u.clone())) if getattr(mod, "inplace", False) else mod
     if type(mod) in _ELEMENTWISE_DERIVATIVE:
-        y = mod(a)
+        y = run(a)
         deriv = _ELEMENTWISE_DERIVATIVE[type(mod)]
         if da is None:
             return y, None
         return y, (da if deriv is None else da * deriv(a, y))
     if da is None:
-        return mod(a), None
-    outs = [jvp(mod, (a,), (t,)) for t in da]
+        return run(a), None
+    outs = [jvp(run, (a,), (t,)) for t in da]
     return outs[0][0], torch.stack([o[1] for o in outs])
 
 
 @torch.no_grad()
-def jacobian_products(model, X, vectors: Sequence, layers=None, *, checked: bool = False):
+def jacobian_products(model, X, vectors: Sequence, layers=None, *, dtype: torch.dtype | None = torch.float64,
+                      checked: bool = False):
     """``(z, [J v for v in vectors])`` by one linearised forward pass (Appendix J); each Jv is (N, C).
 
     The primal pass is shared by all tangents: ``ṡ_k = W_k ȧ_k + V_k ā_k`` at the Linear layers and
     ``ȧ = φ'(s) ⊙ ṡ`` (or a forward-mode product) at the parameter-free modules. Each v is a flat
-    θ-vector (paper layout, restricted to ``layers``) or a list of per-layer matrices.
+    θ-vector (paper layout, restricted to ``layers``) or a list of per-layer matrices. Computed and
+    returned in ``dtype`` (None: the model's dtype); ``checked`` skips the input checks when X is
+    already on the model's device and in its dtype.
     """
-    view = model if isinstance(model, NetworkView) else NetworkView(model)
+    given = as_view(model)
+    view = analysis_view(given, dtype)
     sel = view.select(layers)
-    if not checked:
+    if not checked or view is not given:
         X, _ = check_inputs(view, X)
     T = len(vectors)
     tang = {k: [] for k in sel}
@@ -192,16 +225,13 @@ def jacobian_products(model, X, vectors: Sequence, layers=None, *, checked: bool
 
 
 def fisher_gram(model, X, likelihood, vectors: Sequence, layers=None, *, checked: bool = False,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+                dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
     """Gram matrix ``[v_iᵀ F v_j]`` of the exact Fisher on (X), from J-products only (Appendix J).
 
-    Runs in the model's dtype unless ``dtype`` is given (e.g. torch.float64 for analysis).
+    Computed and returned in ``dtype`` (default float64; None: the model's dtype, as the optimizer uses).
     """
     lik = get_likelihood(likelihood)
-    if dtype is not None:
-        model = analysis_view(model, dtype)
-        checked = False
-    z, Jvs = jacobian_products(model, X, vectors, layers, checked=checked)
+    z, Jvs = jacobian_products(model, X, vectors, layers, dtype=dtype, checked=checked)
     n = len(Jvs)
     out = torch.empty(n, n, dtype=z.dtype, device=z.device)
     FJ = [lik.fisher_vp(z, Jv) for Jv in Jvs]
@@ -211,17 +241,21 @@ def fisher_gram(model, X, likelihood, vectors: Sequence, layers=None, *, checked
     return out
 
 
-def fisher_vector_product(model, X, likelihood, v, layers=None, dtype: torch.dtype | None = None,
+def fisher_vector_product(model, X, likelihood, v, layers=None, dtype: torch.dtype | None = torch.float64,
                           chunk_size: int = 4096):
     """Matrix-free ``F v`` with the exact expectation over y: ``(1/N) Σ_n J_nᵀ F_R J_n v`` (Appendix J).
 
     For networks too large to densify. ``v`` is a flat θ-vector (paper layout, restricted to
-    ``layers``) or a list of per-layer matrices; the result has the same form.
+    ``layers``) or a list of per-layer matrices; the result has the same form. Computed and returned
+    in ``dtype`` (default float64; None: the model's dtype). ``chunk_size`` cases are pushed through
+    the network at a time.
     """
     lik = get_likelihood(likelihood)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer number of cases, got {chunk_size!r}.")
     view = analysis_view(model, dtype)
     sel = view.select(layers)
-    X, _ = check_inputs(view, X)
+    X, _ = check_inputs(view, X, likelihood=lik)
     flat = isinstance(v, torch.Tensor)
     mats = _as_mats(view, sel, v)
     acc = None
