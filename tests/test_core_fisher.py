@@ -141,7 +141,8 @@ def test_in_place_activation_after_a_linear(family):
     assert O.rel(exact_fisher(net, X, family), Fo) < TOL
     A, G = O.kronecker_factors(plain, X, family)
     assert O.rel(kronecker_factors(net, X, family).dense(), O.kfac_dense(A, G, [0, 1, 2])) < TOL
-    assert torch.equal(mc_fisher(net, X, family, samples=3, seed=0), mc_fisher(plain, X, family, samples=3, seed=0))
+    # same seed, same sampled targets; the two nets run different ops (a clone), so compare to rounding
+    assert O.rel(mc_fisher(net, X, family, samples=3, seed=0), mc_fisher(plain, X, family, samples=3, seed=0)) < TOL
     if family == "categorical":
         ct = cumulant_terms(net, X, family, 0, 1)
         assert O.rel(ct.kappa4, O.cumulant_terms(plain, X, family, 0, 1)["kappa4"]) < TOL

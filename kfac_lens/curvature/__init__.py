@@ -1,4 +1,9 @@
-"""Curvature objects: the Fisher, Kronecker factors, damping, approximate inverses, cumulants, comparisons."""
+"""Curvature objects: the Fisher, Kronecker factors, damping, approximate inverses, cumulants, comparisons.
+
+Precision: every function that reads a model takes ``dtype=`` (default ``torch.float64``; ``None`` means
+the model's own dtype), computes in it on a cast copy of the model when needed, and returns results in
+it; inputs and vectors of other dtypes are cast. Operators built from factors keep the factors' dtype.
+"""
 
 from .compare import block_errors, direction_errors, error_by_kind
 from .cumulants import CumulantTerms, cumulant_terms
