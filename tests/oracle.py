@@ -451,3 +451,33 @@ def problem(kind, family, n=N_CASES, seed=1):
     X = make_inputs(net, n, seed=seed)
     y = random_targets(family, n, n_outputs(net), torch.Generator().manual_seed(seed + 100))
     return net, X, y
+
+
+# ----------------------------------------------------------------------------------------- centred cumulants
+def centred_cumulant_terms(model, X, family, k, l, y=None) -> dict[str, torch.Tensor]:
+    """The Appendix B terms without cancellation when activations have a large mean.
+
+    Cumulants of order ≥ 2 do not change under shifts, so κ4 and κ3 are the partition sums of the
+    *centred* rows (each partition term is then of the size of the result). The difference is a covariance
+    of products, F − F̃ = E[(ac)(bd)] − E[ac]E[bd] = E[(ac − E[ac])(bd − E[bd])]. Means are κ(x) = E[x].
+    """
+    w, a1, g1, a2, g2 = cumulant_rows(model, X, family, k, l, y)
+
+    def centre(x):
+        return x - moment(w, [("i", x)])[None, :] / w.sum()
+
+    c1, h1, c2, h2 = centre(a1), centre(g1), centre(a2), centre(g2)
+    I_, J_, M_, N_ = ("i", c1), ("j", h1), ("m", c2), ("n", h2)
+    k4, _ = joint_cumulant(w, [I_, J_, M_, N_], "ijmn")
+    k3_a2, _ = joint_cumulant(w, [M_, J_, N_], "mjn")
+    k3_a1, _ = joint_cumulant(w, [I_, J_, N_], "ijn")
+    u = a1[:, :, None] * a2[:, None, :]  # rows of ac, (R, i, m)
+    v = g1[:, :, None] * g2[:, None, :]  # rows of bd, (R, j, n)
+    u = u - torch.einsum("r,rim->im", w, u)[None] / w.sum()
+    v = v - torch.einsum("r,rjn->jn", w, v)[None] / w.sum()
+    return {
+        "difference": torch.einsum("r,rim,rjn->ijmn", w, u, v),
+        "kappa4": k4,
+        "mean_a1_kappa3": torch.einsum("i,mjn->ijmn", moment(w, [("i", a1)]), k3_a2),
+        "mean_a2_kappa3": torch.einsum("m,ijn->ijmn", moment(w, [("m", a2)]), k3_a1),
+    }

@@ -1,25 +1,45 @@
-"""Appendix B: where F̃ errs, as joint cumulants (MATH.md §6).
+"""Appendix B: where F̃ errs, as joint cumulants.
 
 For an entry of block (k, l) with ``a = ā_k[k1]``, ``b = g_k[k2]``, ``c = ā_l[k3]``, ``d = g_l[k4]``:
 
     F − F̃ = E[abcd] − E[ac]E[bd] = κ(a,b,c,d) + κ(a)κ(c,b,d) + κ(c)κ(a,b,d)
 
-Joint cumulants come from the moment-partition formula. The identity is exact when the expectation
-over y is exact, which :func:`cumulant_terms` does for categorical outputs by enumerating every class
-y weighted by p(y|x). For Bernoulli and Gaussian outputs the expectation over y is **sampled**
-(``samples`` targets per case), so the identity holds only up to Monte-Carlo error. With
-``estimator="empirical"`` (training targets) Lemma 4 fails and so does the identity — on purpose.
+The identity is exact when the expectation over y is exact, which :func:`cumulant_terms` does for
+categorical outputs by enumerating every class y weighted by p(y|x). For Bernoulli and Gaussian outputs
+the expectation over y is **sampled** (``samples`` targets per case), so the identity holds only up to
+Monte-Carlo error. With ``estimator="empirical"`` (training targets) Lemma 4 fails and so does the
+identity — on purpose.
+
+Numerics: everything is computed from *centred* moments (two passes over chunks of cases: the means
+first, then the centred sums), never from raw moments. With activations of mean 10⁴ the raw-moment
+partition formula for κ4 loses about half the digits; the centred form does not (see
+:func:`_assemble` for the expansion of F − F̃).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
-from ..capture import analysis_view, backward_directions, check_inputs, forward, make_generator
+from ..capture import (
+    analysis_view,
+    as_view,
+    backward_directions,
+    check_inputs,
+    default_chunk,
+    forward,
+    make_generator,
+    positive_int,
+)
+from ..errors import DenseTooLargeError
 from ..likelihoods import Categorical, get_likelihood
+from ..memory import available_bytes
+from ..nets import layer_index
+
+N_OUTPUT_TENSORS = 5  # 4-index tensors alive at the peak: the 4 results and one temporary
 
 
 @dataclass
@@ -60,105 +80,193 @@ class CumulantTerms:
         return pd.DataFrame(rows).assign(block=f"({self.k},{self.l})", estimator=self.estimator)
 
 
-def _moments(a, b, c, d, w):
-    """Weighted moments E[·] over rows; a (R, Da), b (R, db), c (R, Dc), d (R, dd), w (R,)."""
-    E1 = {n: (w[:, None] * x).sum(0) for n, x in zip("abcd", (a, b, c, d))}
-
-    def E2(x, y):
-        return (w[:, None] * x).T @ y
-
-    def E3(x, y, z):
-        return torch.einsum("r,ri,rj,rk->ijk", w, x, y, z)
-
-    R = a.shape[0]
-    ab = (w[:, None, None] * a[:, :, None] * b[:, None, :]).reshape(R, -1)
-    cd = (c[:, :, None] * d[:, None, :]).reshape(R, -1)
-    E4 = (ab.T @ cd).reshape(a.shape[1], b.shape[1], c.shape[1], d.shape[1])
-    return E1, E2, E3, E4
-
-
-def _terms_from_rows(a, b, c, d, w):
-    """(difference, κ4, κ(a)κ3(c,b,d), κ(c)κ3(a,b,d)), each indexed [i (a), j (b), m (c), n (d)]."""
-    E1, E2, E3, E4 = _moments(a, b, c, d, w)
-    Ea, Eb, Ec, Ed = E1["a"], E1["b"], E1["c"], E1["d"]
-    Eab, Eac, Ead = E2(a, b), E2(a, c), E2(a, d)
-    Ebc, Ebd, Ecd = E2(b, c), E2(b, d), E2(c, d)
-    Eabc, Eabd, Eacd, Ebcd = E3(a, b, c), E3(a, b, d), E3(a, c, d), E3(b, c, d)
-
-    def o(*vs):  # outer product with an explicit index pattern
-        return torch.einsum(*vs)
-
-    # κ4 by the 15-partition formula, indices i j m n for a b c d.
-    k4 = (E4
-          - o("ijm,n->ijmn", Eabc, Ed) - o("ijn,m->ijmn", Eabd, Ec)
-          - o("imn,j->ijmn", Eacd, Eb) - o("jmn,i->ijmn", Ebcd, Ea)
-          - o("ij,mn->ijmn", Eab, Ecd) - o("im,jn->ijmn", Eac, Ebd) - o("in,jm->ijmn", Ead, Ebc)
-          + 2 * (o("ij,m,n->ijmn", Eab, Ec, Ed) + o("im,j,n->ijmn", Eac, Eb, Ed)
-                 + o("in,j,m->ijmn", Ead, Eb, Ec) + o("jm,i,n->ijmn", Ebc, Ea, Ed)
-                 + o("jn,i,m->ijmn", Ebd, Ea, Ec) + o("mn,i,j->ijmn", Ecd, Ea, Eb))
-          - 6 * o("i,j,m,n->ijmn", Ea, Eb, Ec, Ed))
-    # κ3(c, b, d) over indices (m, j, n) and κ3(a, b, d) over (i, j, n).
-    k3_cbd = (Ebcd - o("jm,n->jmn", Ebc, Ed) - o("mn,j->jmn", Ecd, Eb) - o("jn,m->jmn", Ebd, Ec)
-              + 2 * o("j,m,n->jmn", Eb, Ec, Ed))
-    k3_abd = (Eabd - o("ij,n->ijn", Eab, Ed) - o("in,j->ijn", Ead, Eb) - o("jn,i->ijn", Ebd, Ea)
-              + 2 * o("i,j,n->ijn", Ea, Eb, Ed))
-    t_a = o("i,jmn->ijmn", Ea, k3_cbd)
-    t_c = o("m,ijn->ijmn", Ec, k3_abd)
-    diff = E4 - o("im,jn->ijmn", Eac, Ebd)
-    return diff, k4, t_a, t_c
+# ----------------------------------------------------------------------------- checks and planning
+def _plan_chunk(view, k: int, l: int, R: int, N: int | None, dtype: torch.dtype, chunk_size: int | None,
+                max_bytes: int | None) -> int:
+    """Cases per chunk; raises :class:`DenseTooLargeError` before any work when block (k, l) cannot fit."""
+    Lk, Ll = view.layers[k], view.layers[l]
+    Da, db, Dc, dd = Lk.a_dim, Lk.d_out, Ll.a_dim, Ll.d_out
+    # per case: a'⊗c', Σ_r w b'd'ᵀ and the centred, weighted directions of both layers
+    extra = Da * Dc + db * dd + 3 * R * (db + dd) + Da + Dc
+    chunk = default_chunk(view, R, extra) if chunk_size is None else chunk_size
+    if N is not None:
+        chunk = max(1, min(chunk, N))
+    widths = sum(L.d_out for L in view.layers) + view.layers[-1].d_out
+    per_case = R * widths + sum(L.a_dim for L in view.layers) + extra
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    T = Da * db * Dc * dd
+    need = (N_OUTPUT_TENSORS * T + chunk * per_case) * itemsize
+    limit = int(0.8 * available_bytes(view.device)) if max_bytes is None else int(max_bytes)
+    if need > limit:
+        raise DenseTooLargeError(
+            f"cumulant_terms for block (k={k}, l={l}) needs about {need / 2**30:.3g} GiB: "
+            f"{N_OUTPUT_TENSORS} tensors of a_dim_k·d_k·a_dim_l·d_l = {Da}·{db}·{Dc}·{dd} = {T} numbers "
+            f"({itemsize} bytes each) plus a working set of {chunk} case(s), but only {limit / 2**30:.3g} GiB "
+            f"may be used on {view.device}. Pick a block (k, l) of smaller layers, or study a network with "
+            "fewer units in layers k and l (a smaller chunk_size only shrinks the working set)."
+        )
+    return chunk
 
 
+# ----------------------------------------------------------------------------- passes over chunks
+def _chunks(view, X, y, lik, k, l, estimator, samples, gen, chunk):
+    """Yield (ā_k (n, Da), g_k (R, n, db), ā_l (n, Dc), g_l (R, n, dd), w (R, n)) per chunk; Σ w = 1."""
+    N = X.shape[0]
+    layers = sorted({k, l})
+    for start in range(0, N, chunk):
+        sl = slice(start, start + chunk)
+        z, a, s = forward(view, X[sl], layers)
+        zd = z.detach()
+        n = zd.shape[0]
+        if estimator == "exact":  # every class y, weighted by p(y|x) / N
+            C = zd.shape[1]
+            ys = torch.arange(C, device=zd.device)
+            V = torch.stack([lik.grad_z(zd, ys[c].expand(n)) for c in range(C)])  # (C, n, C)
+            w = torch.softmax(zd, dim=1).T / N
+        elif estimator == "mc":
+            V = torch.stack([lik.grad_z(zd, lik.sample(zd, gen)) for _ in range(samples)])
+            w = torch.full((samples, n), 1.0 / (samples * N), dtype=zd.dtype, device=zd.device)
+        else:  # empirical
+            V = lik.grad_z(zd, lik.check_targets(zd, y[sl]))[None]
+            w = torch.full((1, n), 1.0 / N, dtype=zd.dtype, device=zd.device)
+        g = backward_directions(z, s, layers, V.to(zd.dtype))
+        yield a[k], g[k], a[l], g[l], w
+
+
+def _means(chunks):
+    """Pass 1: E[a], E[b], E[c], E[d] over all cases."""
+    mu = None
+    for ak, gk, al, gl, w in chunks:
+        om = w.sum(0)
+        part = (om @ ak, torch.einsum("rn,rnj->j", w, gk), om @ al, torch.einsum("rn,rnj->j", w, gl))
+        mu = part if mu is None else tuple(m + p for m, p in zip(mu, part))
+    return mu
+
+
+def _centred_sums(chunks, mu):
+    """Pass 2: the centred moments E[x'y'], E[x'y'z'] and E[a'b'c'd'] (x' = x − E[x]) as a dict."""
+    S: dict[str, torch.Tensor] = {}
+
+    def add(key, value):
+        if key in S:
+            S[key] += value
+        else:
+            S[key] = value
+
+    for ak, gk, al, gl, w in chunks:
+        A, B, C, D = ak - mu[0], gk - mu[1], al - mu[2], gl - mu[3]
+        n, Da, Dc = A.shape[0], A.shape[1], C.shape[1]
+        db, dd = B.shape[2], D.shape[2]
+        wB = w[:, :, None] * B
+        om = w.sum(0)                                                   # Σ_r w        (n,)
+        beta = wB.sum(0)                                                # Σ_r w b'     (n, db)
+        delta = torch.einsum("rn,rnq->nq", w, D)                        # Σ_r w d'     (n, dd)
+        Bn = torch.bmm(wB.permute(1, 2, 0), D.permute(1, 0, 2))         # Σ_r w b'd'ᵀ  (n, db, dd)
+        Bf = Bn.reshape(n, db * dd)
+        add("ab", A.T @ beta)
+        add("ac", (om[:, None] * A).T @ C)
+        add("ad", A.T @ delta)
+        add("cb", C.T @ beta)                                           # [m, j]
+        add("cd", C.T @ delta)
+        add("bd", Bn.sum(0))
+        add("abc", torch.einsum("ni,nj,nm->ijm", A, beta, C))
+        add("abd", (A.T @ Bf).reshape(Da, db, dd))
+        add("acd", torch.einsum("ni,nm,nq->imq", A, C, delta))
+        add("cbd", (C.T @ Bf).reshape(Dc, db, dd))                      # [m, j, q]
+        AC = (A[:, :, None] * C[:, None, :]).reshape(n, Da * Dc)
+        P = (AC.T @ Bf).reshape(Da, Dc, db, dd).permute(0, 2, 1, 3)     # [i, j, m, q]
+        if "abcd" not in S:
+            S["abcd"] = P.contiguous()
+        else:
+            S["abcd"] += P
+        del P, AC
+    return S
+
+
+def _assemble(S, mu):
+    """(F − F̃, κ4, κ(a)κ3(c,b,d), κ(c)κ3(a,b,d)) from centred moments m and means μ.
+
+    κ4 = m_abcd − m_ab m_cd − m_ac m_bd − m_ad m_bc and κ3(x,y,z) = m_xyz. With a = μa + a' etc.,
+    F − F̃ = E[abcd] − E[ac]E[bd] = m_abcd − m_ac m_bd + μa m_bcd + μc m_abd + μb m_acd + μd m_abc
+            + μc μd m_ab + μb μc m_ad + μa μd m_bc + μa μb m_cd
+    (no E[b] = E[d] = 0 assumed). When E[b|x] = E[d|x] = 0 the μb, μd, m_ab, m_ad, m_bc, m_cd, m_abc and
+    m_acd terms vanish and the Appendix B identity follows.
+    """
+    ma, mb, mc, md = mu
+    ta = torch.einsum("i,mjq->ijmq", ma, S["cbd"]).contiguous()
+    tc = torch.einsum("m,ijq->ijmq", mc, S["abd"]).contiguous()
+    diff = S["abcd"] - torch.einsum("im,jq->ijmq", S["ac"], S["bd"])
+    diff += ta
+    diff += tc
+    diff += torch.einsum("ijm,q->ijmq", S["abc"] + torch.einsum("ij,m->ijm", S["ab"], mc), md)
+    diff += torch.einsum("imq,j->ijmq", S["acd"] + torch.einsum("iq,m->imq", S["ad"], mc), mb)
+    diff += torch.einsum("i,mj,q->ijmq", ma, S["cb"], md)
+    diff += torch.einsum("i,j,mq->ijmq", ma, mb, S["cd"])
+    k4 = S.pop("abcd")
+    k4 -= torch.einsum("ij,mq->ijmq", S["ab"], S["cd"])
+    k4 -= torch.einsum("im,jq->ijmq", S["ac"], S["bd"])
+    k4 -= torch.einsum("iq,mj->ijmq", S["ad"], S["cb"])
+    return diff, k4, ta, tc
+
+
+# ----------------------------------------------------------------------------- public entry point
 def cumulant_terms(model, X, likelihood, k: int, l: int, estimator: str | None = None, y=None,
                    samples: int = 64, generator=None, seed: int | None = 0,
-                   dtype: torch.dtype = torch.float64) -> CumulantTerms:
+                   dtype: torch.dtype = torch.float64, chunk_size: int | None = None,
+                   max_bytes: int | None = None) -> CumulantTerms:
     """The Appendix B decomposition of block (k, l) of F − F̃ (0-based Linear layers k ≤ l or any order).
 
     ``estimator``: None picks "exact" for categorical outputs (y enumerated, weighted by p) and
     "mc" otherwise (``samples`` sampled targets per case — a *sampled* estimate); "empirical" uses
     the training targets ``y`` (the identity then fails, which is the point of showing it).
+
+    Cases are processed ``chunk_size`` at a time (None: automatic); results do not depend on it beyond
+    rounding, except that "mc" draws its targets chunk by chunk. Raises :class:`DenseTooLargeError`
+    before any work when the five (a_dim_k·d_k·a_dim_l·d_l) tensors would exceed ``max_bytes``
+    (default: 80% of the free memory).
     """
     lik = get_likelihood(likelihood)
-    view = analysis_view(model, dtype)
-    k, l = view.select([k])[0], view.select([l])[0]
-    X, y = check_inputs(view, X, y)
-    N = X.shape[0]
+    samples = positive_int(samples, "samples", "targets sampled per case")
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size", "a number of cases per chunk, or None for automatic")
+    plain = as_view(model)
+    k, l = plain.select([layer_index(k, "k")])[0], plain.select([layer_index(l, "l")])[0]
     if estimator is None:
         estimator = "exact" if isinstance(lik, Categorical) else "mc"
+    if estimator not in ("exact", "mc", "empirical"):
+        raise ValueError(f"estimator must be None, 'exact', 'mc' or 'empirical', got {estimator!r}.")
     if estimator == "exact" and not isinstance(lik, Categorical):
         raise ValueError(
             f"the exact enumeration over y is only available for categorical outputs; for {lik.name} "
             "use estimator='mc' (sampled, with samples= and seed=)."
         )
-    layers = sorted({k, l})
-    z, a, s = forward(view, X, layers)
-    zd = z.detach()
-    if estimator == "exact":
-        C = zd.shape[1]
-        p = torch.softmax(zd, dim=1)
-        ys = torch.arange(C, device=zd.device)
-        V = torch.stack([lik.grad_z(zd, ys[c].expand(N)) for c in range(C)])  # (C, N, C)
-        w = (p.T / N).reshape(-1)                                                # row (c, n)
-    elif estimator == "mc":
-        if int(samples) < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples!r}.")
+    if estimator == "empirical" and y is None:
+        raise ValueError("estimator='empirical' needs the training targets: pass y=.")
+    R = {"exact": plain.layers[-1].d_out, "mc": samples, "empirical": 1}[estimator]
+    shape = getattr(X, "shape", None)
+    N = int(shape[0]) if shape is not None and len(shape) > 0 else None
+    chunk = _plan_chunk(plain, k, l, R, N, dtype or plain.dtype, chunk_size, max_bytes)
+
+    view = analysis_view(model, dtype)
+    X, y = check_inputs(view, X, y, likelihood=lik)
+    gen = None
+    if estimator == "mc":
         gen = make_generator(view.device, generator, seed)
-        V = torch.stack([lik.grad_z(zd, lik.sample(zd, gen)) for _ in range(int(samples))])
-        w = torch.full((V.shape[0] * N,), 1.0 / (V.shape[0] * N), dtype=zd.dtype, device=zd.device)
-    elif estimator == "empirical":
-        if y is None:
-            raise ValueError("estimator='empirical' needs the training targets: pass y=.")
-        V = lik.grad_z(zd, lik.check_targets(zd, y))[None]
-        w = torch.full((N,), 1.0 / N, dtype=zd.dtype, device=zd.device)
+        if gen is None:  # global RNG: draw a seed from it, so that both passes see the same targets
+            gen = make_generator(view.device, None, int(torch.randint(0, 2**62, ()).item()))
+        state = gen.get_state()
+
+    def passes():
+        if estimator == "mc":
+            gen.set_state(state)
+        return _chunks(view, X, y, lik, k, l, estimator, samples, gen, chunk)
+
+    if math.ceil(X.shape[0] / chunk) == 1:  # one chunk: capture once, use it for both passes
+        cached = list(passes())
+        mu = _means(cached)
+        S = _centred_sums(cached, mu)
     else:
-        raise ValueError(f"estimator must be None, 'exact', 'mc' or 'empirical', got {estimator!r}.")
-    g = backward_directions(z, s, layers, V)
-    R = V.shape[0]
-
-    def rows_a(m):
-        return a[m].expand(R, *a[m].shape).reshape(R * N, -1)
-
-    def rows_g(m):
-        return g[m].reshape(R * N, -1)
-
-    diff, k4, ta, tc = _terms_from_rows(rows_a(k), rows_g(k), rows_a(l), rows_g(l), w)
+        mu = _means(passes())
+        S = _centred_sums(passes(), mu)
+    diff, k4, ta, tc = _assemble(S, mu)
     return CumulantTerms(k, l, diff, k4, ta, tc, estimator, exact=(estimator == "exact"))
