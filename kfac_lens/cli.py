@@ -1,4 +1,8 @@
-"""``kfac-lens`` command line: ``figures`` (the main job), ``train`` and ``bench``."""
+"""``kfac-lens`` command line: ``figures`` (the main job), ``train``, ``bench`` and ``test``.
+
+Environment variables: ``KFAC_LENS_DATA`` (where MNIST and the zoo cache live; default
+``~/.cache/kfac_lens``), ``KFAC_LENS_QUIET`` (set: no automatic progress bars; ``--quiet`` sets it).
+"""
 
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def run_figures(args) -> int:
         if needs_example:
             _say(f"example network ({args.data}, preset {args.preset}) on {device}", args.quiet)
             ex = zoo.example_network(args.preset, args.data, device=device, progress=progress,
-                                     retrain=args.retrain)
+                                     retrain=args.retrain, seed=args.seed)
             _say(f"  {ex}", args.quiet)
             n_cases = zoo.EXAMPLE_ANALYSIS_CASES[args.preset]
             X, y = ex.X[:n_cases], ex.y[:n_cases]
@@ -76,13 +80,14 @@ def run_figures(args) -> int:
                 save(*F.figure_cumulants(ex.model, X, "categorical", 2, 3), "figure_cumulants", "cumulants")
         if "7" in wanted:
             _say(f"autoencoder ({args.data}, preset {args.preset}) on {device}", args.quiet)
-            ae = zoo.autoencoder(args.preset, args.data, device=device, progress=progress, retrain=args.retrain)
+            ae = zoo.autoencoder(args.preset, args.data, device=device, progress=progress, retrain=args.retrain,
+                                 seed=args.seed)
             _say(f"  {ae}", args.quiet)
             save(*F.figure7(ae.optimizer, ae.X, ae.y, progress=progress), "figure7", "7")
         if "training" in wanted:
             _say(f"training comparison ({args.data}, preset {args.preset}) on {device}", args.quiet)
             hist = zoo.training_comparison(args.preset, args.data, device=device, progress=progress,
-                                           retrain=args.retrain)
+                                           retrain=args.retrain, seed=args.seed)
             save(*F.figure_training_curves(hist), "figure_training", "training")
     except DataUnavailableError as exc:
         print(f"kfac-lens: {exc}\nkfac-lens: to run offline, use --data digits.", file=sys.stderr)
@@ -101,12 +106,13 @@ def run_figures(args) -> int:
 def run_train(args) -> int:
     from . import zoo
     device = _device(args.device)
+    kw = dict(device=device, retrain=args.retrain, seed=args.seed)
     if args.what == "example":
-        e = zoo.example_network(args.preset, args.data, device=device, retrain=args.retrain)
+        e = zoo.example_network(args.preset, args.data, **kw)
     elif args.what == "autoencoder":
-        e = zoo.autoencoder(args.preset, args.data, device=device, retrain=args.retrain)
+        e = zoo.autoencoder(args.preset, args.data, **kw)
     else:
-        hist = zoo.training_comparison(args.preset, args.data, device=device, retrain=args.retrain)
+        hist = zoo.training_comparison(args.preset, args.data, **kw)
         for name, h in hist.items():
             err = h["error"].dropna()
             print(f"{name:>26}: {len(h)} iterations, {h['time'].iloc[-1]:.1f} s, final error {err.iloc[-1]:.4g}")
@@ -116,32 +122,70 @@ def run_train(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kfac-lens", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def run_tests(pytest_args: list[str]) -> int:
+    """Run the test suite of a source checkout (the tests are not part of an installed wheel)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "tests").is_dir():
+        raise SystemExit("kfac-lens test: the tests ship with the repository, not with the installed package; "
+                         "run ./kfac-lens test from a clone.")
+    return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=root)
 
-    f = sub.add_parser("figures", help="regenerate the paper's Figures 5-7 and companion views")
-    f.add_argument("--fig", nargs="+", choices=FIGURES, help="which figures (default: all)")
-    f.add_argument("--preset", choices=("quick", "paper"), default="quick")
-    f.add_argument("--data", choices=("mnist", "digits"), default="mnist")
-    f.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    f.add_argument("--out", default="figures")
-    f.add_argument("--gamma", type=float, default=None, help="override the γ of Figure 6 (default: K-FAC's)")
-    f.add_argument("--retrain", action="store_true", help="ignore cached zoo networks")
-    f.add_argument("--quiet", action="store_true")
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``figures`` and ``train``."""
+    p.add_argument("--preset", choices=("quick", "paper"), default="quick",
+                   help="network sizes and iteration counts: 'quick' (minutes on 2 CPU cores) or 'paper' "
+                        "(the paper's 784-1000-500-250-30 autoencoder to iteration 500; use a GPU) "
+                        "(default: %(default)s)")
+    p.add_argument("--data", choices=("mnist", "digits"), default="mnist",
+                   help="'mnist' (downloaded once and cached) or 'digits' (scikit-learn's bundled 8x8 digits, "
+                        "works offline) (default: %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to train and analyse (default: cuda when torch sees a GPU, else cpu)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the network initialisation, data subsets and K-FAC's sampling; each seed is "
+                        "cached separately (default: %(default)s)")
+    p.add_argument("--retrain", action="store_true", help="ignore the cached zoo networks and train again")
+
+
+def main(argv=None) -> int:
+    from . import __version__
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `bench` and `test` hand every argument (--help included) to their own parsers.
+    if argv[:1] == ["bench"]:
+        from . import bench
+        return bench.main(argv[1:], prog="kfac-lens bench")
+    if argv[:1] == ["test"]:
+        return run_tests(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="kfac-lens", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kfac-lens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("figures", help="regenerate the paper's Figures 5-7 and companion views",
+                       description="Train (or load from the cache) the zoo networks and write the figures "
+                                   "and their metrics.")
+    f.add_argument("--fig", nargs="+", choices=FIGURES, metavar="FIG",
+                   help=f"which figures, any of {' '.join(FIGURES)} (default: all)")
+    _common_arguments(f)
+    f.add_argument("--out", default="figures", help="output folder (default: %(default)s)")
+    f.add_argument("--gamma", type=float, default=None,
+                   help="the γ of Figure 6 and the inverse-structure figure (default: the γ K-FAC held)")
+    f.add_argument("--quiet", action="store_true", help="no progress messages or progress bars")
     f.set_defaults(func=run_figures)
 
-    t = sub.add_parser("train", help="train (or load from cache) a zoo network")
-    t.add_argument("what", choices=("example", "autoencoder", "comparison"))
-    t.add_argument("--preset", choices=("quick", "paper"), default="quick")
-    t.add_argument("--data", choices=("mnist", "digits"), default="mnist")
-    t.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    t.add_argument("--retrain", action="store_true")
+    t = sub.add_parser("train", help="train (or load from the cache) a zoo network",
+                       description="Train (or load from the cache) one zoo network and print where it is cached.")
+    t.add_argument("what", choices=("example", "autoencoder", "comparison"),
+                   help="the example classifier, the K-FAC autoencoder, or the four-optimizer comparison")
+    _common_arguments(t)
     t.set_defaults(func=run_train)
 
-    b = sub.add_parser("bench", help="benchmarks that print ratio tables", add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=lambda a: __import__("kfac_lens.bench", fromlist=["main"]).main(a.rest))
+    sub.add_parser("bench", help="benchmarks that print ratio tables (kfac-lens bench --help)", add_help=False)
+    sub.add_parser("test", help="run the test suite of a source checkout (arguments go to pytest)",
+                   add_help=False)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
