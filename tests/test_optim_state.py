@@ -83,6 +83,71 @@ def test_state_dict_round_trip_resumes_bit_identically(inverse):
     assert len({s["gamma"] for s in stats_a}) > 1 or len({s["lambda"] for s in stats_a}) > 1
 
 
+def _saved(net, opt, how):
+    """A checkpoint of (model, optimizer) that shares nothing with the live run."""
+    state = {"model": net.state_dict(), "opt": opt.state_dict()}
+    if how == "deepcopy":
+        return copy.deepcopy(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _restored(saved):
+    return torch.load(io.BytesIO(saved), weights_only=False) if isinstance(saved, bytes) else saved
+
+
+def _check_resume_after_every_iteration(inverse, T2, **cfg):
+    """Save after each iteration k = 1 … 2·T₂, resume each save in a fresh model and optimizer, run to
+    2·T₂ + 2: every weight, λ and γ equal the uninterrupted run's bit for bit."""
+    assert torch.get_num_threads() == 1  # both runs use the same kernels (single_thread fixture)
+    n_iter = 2 * T2 + 2
+    cfg = {"T1": 2, "T2": T2, "T3": T2, **cfg}
+    net, X, y = make_problem()
+    opt = kfac(net, inverse, **cfg)
+    bs = batch_list(X, y, n_iter, m=32)
+    saves, stats = {}, []
+    for k, (xb, yb) in enumerate(bs, start=1):
+        stats.append(opt.step(xb, yb))
+        if k <= 2 * T2:
+            saves[k] = _saved(net, opt, "bytes" if k % 2 else "deepcopy")
+    final = params(net)
+    # the run exercised what a resume has to carry: λ moves, inverse refreshes and γ searches
+    assert len({s["lambda"] for s in stats}) > 1
+    assert [s["inverse_refreshed"] for s in stats] == [k <= 3 or k % cfg["T3"] == 0 for k in range(1, n_iter + 1)]
+
+    for k, saved in saves.items():
+        net2, _, _ = make_problem(seed=42)  # other initial weights: everything must come from the save
+        opt2 = kfac(net2, inverse, **{**cfg, "seed": 123, "lambda_init": 7.0})
+        ck = _restored(saved)
+        net2.load_state_dict(ck["model"])
+        opt2.load_state_dict(ck["opt"])
+        assert opt2.k == k + 1
+        for i in range(k, n_iter):
+            st = opt2.step(*bs[i])
+            ref = stats[i]
+            assert (st["lambda"], st["gamma"], st["alpha"], st["mu"], st["M"]) == \
+                (ref["lambda"], ref["gamma"], ref["alpha"], ref["mu"], ref["M"]), \
+                f"resumed after iteration {k}, differs at iteration {i + 1}"
+        for p, q in zip(final, params(net2)):
+            assert torch.equal(p, q), f"resumed after iteration {k}"
+        assert (opt2.lam, opt2.gamma, opt2.k) == (opt.lam, opt.gamma, opt.k), f"resumed after iteration {k}"
+
+
+@pytest.mark.parametrize("momentum", [True, False], ids=["momentum", "no-momentum"])
+@pytest.mark.parametrize("inverse", ["blockdiag", "tridiag"])
+def test_resume_after_every_iteration_is_bit_identical(inverse, momentum):
+    """Saves right after a γ search (k = T₂, 2·T₂: the block-diagonal inverse then comes from the shared
+    eigendecomposition, not Cholesky), after other refreshes (k ≤ 3) and in between all resume exactly."""
+    _check_resume_after_every_iteration(inverse, T2=4, momentum=momentum)
+
+
+@pytest.mark.parametrize("inverse", ["blockdiag", "tridiag"])
+def test_resume_rebuilds_the_inverse_with_the_pi_it_was_built_with(inverse):
+    """π given as a callable of k: the live inverse keeps the π of its refresh iteration, also on resume."""
+    _check_resume_after_every_iteration(inverse, T2=4, pi=lambda k: 1.0 + (k % 3) / 2)
+
+
 def test_in_memory_state_dict_is_a_snapshot():
     """A state_dict taken in memory (no serialisation) must not change as the optimizer keeps going, and two
     optimizers loaded from it must not share (and corrupt) each other's factors."""

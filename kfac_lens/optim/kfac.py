@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..capture import check_inputs, forward
+from ..capture import check_inputs, forward, warn_if_link_applied_twice
 from ..curvature.factors import KroneckerFactors, compute_factors
 from ..curvature.fisher import fisher_gram
 from ..curvature.inverses import BlockDiagonalInverse, factor_eigs, make_inverse
@@ -87,6 +87,7 @@ class KFAC:
         self.view = NetworkView(model)
         self.model = self.view.model
         self.likelihood = get_likelihood(likelihood)
+        warn_if_link_applied_twice(self.view, self.likelihood)
         if inverse not in INVERSE_PAIRS:
             raise ValueError(f"inverse must be 'blockdiag' or 'tridiag', got {inverse!r}.")
         self.inverse_kind = inverse
@@ -111,7 +112,9 @@ class KFAC:
         self.k = 1
         self.factors: KroneckerFactors | None = None
         self.inverse = None
-        self._inverse_source: tuple | None = None  # (factors snapshot, γ) the inverse was built from
+        # How the live inverse was built — (factors snapshot, γ, π, shared eigendecomposition?) — so that
+        # load_state_dict rebuilds it by the same path, bit for bit (see :meth:`_rebuild_inverse`).
+        self._inverse_source: tuple | None = None
         self.delta0: list[torch.Tensor] | None = None
         self.generator = torch.Generator(device=self.view.device)
         self.generator.manual_seed(int(seed))
@@ -186,9 +189,15 @@ class KFAC:
         else:
             self.factors.ema_(new, ema_decay(k, float(self._h("eps_max", k))))
 
-    def _build_inverse(self, gamma: float, factors: KroneckerFactors | None = None, eigs=None):
+    def _build_inverse(self, gamma: float, factors: KroneckerFactors | None = None, eigs=None, pi=None):
         return make_inverse(self.inverse_kind, self.factors if factors is None else factors, gamma,
-                            pi=self._h("pi"), eigs=eigs)
+                            pi=self._h("pi") if pi is None else pi, eigs=eigs)
+
+    def _rebuild_inverse(self, factors: KroneckerFactors, gamma: float, pi, shared_eigs: bool):
+        """The live inverse again, by the path that built it: with the eigendecompositions shared by a γ
+        search (block-diagonal) or by Cholesky otherwise. The two agree only to rounding, so a resumed run
+        that took the other path would drift from the uninterrupted one."""
+        return self._build_inverse(gamma, factors, eigs=factor_eigs(factors) if shared_eigs else None, pi=pi)
 
     def _shared_eigs(self, n_gammas: int):
         """For several block-diagonal inverses of the same factors (the γ search), one eigendecomposition of
@@ -272,9 +281,10 @@ class KFAC:
         S2 = self._subset(m, float(self._h("tau2")))
         x2 = x[S2]
         best, best_inv = None, None
+        pi = self._h("pi")
         eigs = self._shared_eigs(len(candidates)) if (refresh or self.inverse is None) else None
         for gamma in candidates:
-            inv = self._build_inverse(gamma, eigs=eigs) if (refresh or self.inverse is None) else self.inverse
+            inv = self._build_inverse(gamma, eigs=eigs, pi=pi) if (refresh or self.inverse is None) else self.inverse
             Delta = self._proposal_direction(inv, grad, pieces, params, eta, m)
             prop = self._combine(Delta, grad, x2, self.lam, eta, gamma, bool(self._h("rescale")),
                                  bool(self._h("momentum")))
@@ -282,7 +292,7 @@ class KFAC:
                 best, best_inv = prop, inv
         if refresh or self.inverse is None:
             self.inverse = best_inv
-            self._inverse_source = (self.factors.clone(), best.gamma)
+            self._inverse_source = (self.factors.clone(), best.gamma, pi, eigs is not None)
         self.gamma = best.gamma
         # θ ← θ + δ, then the Levenberg–Marquardt rule on the same mini-batch (Appendix E.5).
         self.view.add_to_weights(best.delta)
@@ -382,10 +392,12 @@ class KFAC:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Everything needed to resume bit-identically: factors, the inverse's source, λ, γ, δ₀, k, RNG."""
+        """Everything needed to resume bit-identically: factors, the inverse's source (factors, γ, π and
+        whether a γ search's shared eigendecomposition built it), λ, γ, δ₀, k, RNG."""
         src = None
         if self._inverse_source is not None:
-            src = {"factors": self._inverse_source[0].state_dict(), "gamma": self._inverse_source[1]}
+            f, g, pi, shared = self._inverse_source
+            src = {"factors": f.state_dict(), "gamma": g, "pi": pi, "shared_eigs": shared}
         return {"k": self.k, "lambda": self.lam, "gamma": self.gamma, "inverse_kind": self.inverse_kind,
                 # A snapshot: the live factors are updated in place (EMA), so hand out copies.
                 "factors": None if self.factors is None else self.factors.clone().state_dict(),
@@ -405,10 +417,13 @@ class KFAC:
         if sd["inverse_source"] is None:
             self.inverse, self._inverse_source = None, None
         else:
-            f = KroneckerFactors.from_state_dict(sd["inverse_source"]["factors"]).to(device=dev, dtype=dt)
-            g = float(sd["inverse_source"]["gamma"])
-            self._inverse_source = (f, g)
-            self.inverse = self._build_inverse(g, f)
+            src = sd["inverse_source"]
+            f = KroneckerFactors.from_state_dict(src["factors"]).to(device=dev, dtype=dt)
+            g = float(src["gamma"])
+            # (states saved before these fields existed: Cholesky, the current π)
+            pi, shared = src.get("pi", self._h("pi")), bool(src.get("shared_eigs", False))
+            self._inverse_source = (f, g, pi, shared)
+            self.inverse = self._rebuild_inverse(f, g, pi, shared)
         self.generator.set_state(sd["generator"].cpu() if hasattr(sd["generator"], "cpu") else sd["generator"])
 
     def __repr__(self) -> str:
