@@ -32,4 +32,13 @@ def test_readme_example_runs(index, agg_backend, tmp_path, monkeypatch):
     if "prop" in namespace:
         assert namespace["prop"].M < 0  # the proposal decreases the quadratic model
         checked += 1
+    if "exported" in namespace:  # the export example: files in the paper layout that load back
+        import numpy as np
+        import torch
+        saved = torch.load(tmp_path / "curvature.pt")
+        for name, M in namespace["exported"].items():
+            assert torch.equal(saved[name], M)
+            assert np.array_equal(np.load(tmp_path / f"{name}.npy"), M.numpy())
+        assert sum(r * c for r, c in saved["layer_shapes"]) == saved["F"].shape[0]
+        checked += 1
     assert checked, "each README example should produce something this test checks"
