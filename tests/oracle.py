@@ -481,3 +481,10 @@ def centred_cumulant_terms(model, X, family, k, l, y=None) -> dict[str, torch.Te
         "mean_a1_kappa3": torch.einsum("i,mjn->ijmn", moment(w, [("i", a1)]), k3_a2),
         "mean_a2_kappa3": torch.einsum("m,ijn->ijmn", moment(w, [("m", a2)]), k3_a1),
     }
+
+
+def restrict_blocks(M: torch.Tensor, szs, keep) -> torch.Tensor:
+    """The submatrix of M on the block rows and columns ``keep`` (indices into ``szs``)."""
+    o = offsets(szs)
+    idx = torch.cat([torch.arange(o[i], o[i + 1]) for i in keep])
+    return M[idx][:, idx]

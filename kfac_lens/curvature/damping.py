@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from .operators import BlockOperator, SymmetricEig
+from .operators import BlockOperator, SymmetricEig, check_condition
 
 
 def check_gamma(gamma) -> float:
@@ -35,7 +35,8 @@ class ExactTikhonovInverse(BlockOperator):
     """Block-diagonal ``(Ā_kk ⊗ G_kk + ξ I)⁻¹`` with ξ = λ + η (Appendix E.3 eqn. 6, solved by Appendix I).
 
     With eigendecompositions Ā = E_A diag(s_A) E_Aᵀ, G = E_G diag(s_G) E_Gᵀ:
-    ``U = E_G [(E_Gᵀ V E_A) ⊘ (ξ + s_G s_Aᵀ)] E_Aᵀ``.
+    ``U = E_G [(E_Gᵀ V E_A) ⊘ (ξ + s_G s_Aᵀ)] E_Aᵀ``. Each block's condition number, max/min of
+    ``ξ + s_G s_Aᵀ``, goes through the same guard as the factors' (``check_condition``).
     """
 
     def __init__(self, factors, damping: float, layers=None):
@@ -47,13 +48,14 @@ class ExactTikhonovInverse(BlockOperator):
         self.eG = [SymmetricEig(factors.G[k, k]) for k in sel]
         self.den = []
         for i, k in enumerate(sel):
-            den = damping + self.eG[i].s[:, None] * self.eA[i].s[None, :]
-            if float(den.min()) <= 0:
-                from ..errors import SingularFactorError
-                raise SingularFactorError(
-                    f"Ā⊗G + ξI of layer {k} is singular at ξ = {damping}: pass a damping ξ = λ + η > 0."
-                )
-            self.den.append(den)
+            den = damping + self.eG[i]._s64[:, None] * self.eA[i]._s64[None, :]
+            name, out = f"Ā⊗G + ξI of layer {k} (ξ = {damping:g})", "Increase the damping ξ = λ + η (Appendix E.3)."
+            lo, hi = float(den.min()), float(den.max())
+            if lo <= 0:
+                check_condition(math.inf, name, factors.dtype, f"not positive definite: ξ + s_G s_Aᵀ reaches {lo:.3g}",
+                                out)
+            check_condition(hi / lo, name, factors.dtype, "max/min of ξ + s_G s_Aᵀ", out)
+            self.den.append(den.to(factors.dtype))
 
     def apply_block(self, i: int, V: torch.Tensor) -> torch.Tensor:
         EA, EG = self.eA[i].E, self.eG[i].E

@@ -9,6 +9,7 @@ Conventions (0-based Linear-layer indices k, l):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ..capture import Capture, analysis_view, check_estimator, check_inputs, iter_captures, make_generator
 from ..likelihoods import Likelihood, get_likelihood
 from ..memory import check_dense_fits
-from ..nets import NetworkView
+from ..nets import NetworkView, layer_indices
 
 PAIRS = ("all", "tridiag", "diag")
 
@@ -94,7 +95,7 @@ class KroneckerFactors:
     def select(self, layers: Iterable[int] | None) -> list[int]:
         if layers is None:
             return list(self.layers)
-        sel = [int(k) for k in layers]
+        sel = layer_indices(layers)
         missing = [k for k in sel if k not in self.layers]
         if missing:
             raise ValueError(f"layers {missing} are not among these factors' layers {self.layers}.")
@@ -118,6 +119,12 @@ class KroneckerFactors:
     def dense(self, layers: Iterable[int] | None = None, max_bytes: int | None = None) -> torch.Tensor:
         """F̃ in the paper layout: block (k, l) = ``kron(A[k, l], G[k, l])`` (Section 3)."""
         sel = self.select(layers)
+        missing = [(k, l) for i, k in enumerate(sel) for l in sel[i + 1:] if (k, l) not in self.A]
+        if missing:
+            raise ValueError(
+                f"dense F̃ over layers {sel} needs the cross factors of every pair, but {missing} were not "
+                f"computed (these factors have pairs {self.pairs}). Compute them with pairs='all'."
+            )
         P = self.n_params(sel)
         check_dense_fits(P, self.dtype, self.device, max_bytes=max_bytes, what="dense F̃")
         rows = [torch.cat([torch.kron(self.A[k, l], self.G[k, l]) for l in sel], dim=1) for k in sel]
@@ -129,9 +136,11 @@ class KroneckerFactors:
         from .damping import trace_pi
         if pi == "trace":
             return trace_pi(self.A[k, k], self.G[k, k])
-        if isinstance(pi, (int, float)) and not isinstance(pi, bool) and pi > 0:
+        number = isinstance(pi, (int, float)) and not isinstance(pi, bool)
+        if number and math.isfinite(pi) and pi > 0:
             return float(pi)
-        raise ValueError(f"pi must be 'trace' or a positive number (e.g. 1), got {pi!r}.")
+        note = ", which is not finite" if number and not math.isfinite(pi) else ""
+        raise ValueError(f"pi must be 'trace' or a positive number (e.g. 1), got {pi!r}{note}.")
 
     def damped(self, gamma: float, pi: str | float = "trace") -> KroneckerFactors:
         """Factors with each diagonal block replaced by ``Ā + π γ I`` and ``G + (γ/π) I``; cross blocks unchanged."""
@@ -224,6 +233,6 @@ def kronecker_factors(model, X, likelihood: str | Likelihood, estimator: str = "
     check_estimator(estimator, y, samples)
     view = analysis_view(model, dtype)
     sel = view.select(layers)
-    X, y = check_inputs(view, X, y)
+    X, y = check_inputs(view, X, y, likelihood=lik)
     gen = make_generator(view.device, generator, seed)
     return compute_factors(view, X, lik, sel, estimator, y, samples, gen, pairs, chunk_size, progress)

@@ -5,20 +5,24 @@
   tridiagonal blocks and F̂⁻¹ is block-tridiagonal.
 - :class:`KroneckerSumInverse` — ``(A⊗B ± C⊗D)⁻¹`` for symmetric PSD A, B, C, D (Appendix I).
 
-Layers are 0-based Linear indices; "tridiagonal" means neighbours in the selected ``layers`` list.
+Layers are 0-based Linear indices. Every factor and Schur complement inverted here goes through the
+same guard, :func:`~kfac_lens.curvature.operators.check_condition`: ``SingularFactorError`` when it is not
+positive definite or its condition number is above 1/(100·eps) of the result's dtype, ``RuntimeWarning``
+above eps^(-2/3); nothing is clamped.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 
 import torch
 
-from ..errors import SingularFactorError
 from ..memory import check_dense_fits
 from .damping import check_gamma
 from .factors import KroneckerFactors
-from .operators import BlockOperator, PDFactor, SymmetricEig
+from .operators import BlockOperator, PDFactor, SymmetricEig, check_condition, cond1
+
+NEIGHBOURS = ("network", "selected")
 
 
 class KroneckerSumInverse:
@@ -29,32 +33,32 @@ class KroneckerSumInverse:
     Any whitener W with W A Wᵀ = I may stand for A^{-1/2}; the Cholesky one is used (cheaper).
     V has shape (dim B, dim A), matching ``(A⊗B) vec(V) = vec(B V Aᵀ)``. Cholesky factorisations of A and
     B already at hand may be passed as ``pd_A`` / ``pd_B`` (:class:`PDFactor`).
+
+    A and B (by :class:`PDFactor`) and the whitened sum ``I ± S₂⊗S₁``, whose condition number is exactly
+    ``max/min`` of ``1 ± s₂s₁ᵀ``, are checked by ``check_condition`` for a result kept in ``dtype``
+    (default A's): ``SingularFactorError`` when not positive definite or too ill-conditioned, else a
+    ``RuntimeWarning`` when nearly singular.
     """
 
     def __init__(self, A, B, C, D, sign: int = -1, name: str = "A⊗B ± C⊗D", strict: bool = False,
-                 pd_A: PDFactor | None = None, pd_B: PDFactor | None = None):
+                 pd_A: PDFactor | None = None, pd_B: PDFactor | None = None, dtype: torch.dtype | None = None):
         if sign not in (1, -1):
             raise ValueError("sign must be +1 or -1.")
         # Whiten with Cholesky factors (W M Wᵀ = I; Appendix I only needs some such W, A^{-1/2} being one),
         # in float64 whatever the dtype: 1 − s₂s₁ᵀ loses all precision in float32 at small γ.
-        dtype = A.dtype
-        WA = (pd_A or PDFactor(A, f"{name}: A", strict)).whitener()
-        WB = (pd_B or PDFactor(B, f"{name}: B", strict)).whitener()
+        dtype = dtype or A.dtype
+        WA = (pd_A or PDFactor(A, f"{name}: A", strict, dtype)).whitener()
+        WB = (pd_B or PDFactor(B, f"{name}: B", strict, dtype)).whitener()
         e1 = SymmetricEig(WA @ C.double() @ WA.T)
         e2 = SymmetricEig(WB @ D.double() @ WB.T)
-        self.K1, self.K2 = (WA.T @ e1.E).to(dtype), (WB.T @ e2.E).to(dtype)
         den = 1.0 + sign * (e2.s[:, None] * e1.s[None, :])
-        floor = 1e3 * torch.finfo(dtype).eps
-        if float(den.min()) < floor:
-            if float(den.min()) <= 0 and sign == -1 and float(den.min()) < -floor:
-                raise SingularFactorError(
-                    f"{name} is not positive definite (1 − s₂s₁ᵀ reaches {float(den.min()):.3g}); "
-                    "increase the damping gamma."
-                )
-            warnings.warn(f"{name} is nearly singular (min of 1 ± s₂s₁ᵀ = {float(den.min()):.3g}); "
-                          f"clamped to {floor:.1g}. Increase gamma for a trustworthy inverse.",
-                          RuntimeWarning, stacklevel=2)
-            den = den.clamp_min(floor)
+        lo, hi = float(den.min()), float(den.max())
+        pm = "+" if sign == 1 else "−"
+        if lo <= 0:
+            check_condition(math.inf, name, dtype, f"not positive definite: 1 {pm} s₂s₁ᵀ of Appendix I reaches "
+                                                   f"{lo:.3g}")
+        self.cond = check_condition(hi / lo, name, dtype, f"max/min of 1 {pm} s₂s₁ᵀ, Appendix I")
+        self.K1, self.K2 = (WA.T @ e1.E).to(dtype), (WB.T @ e2.E).to(dtype)
         self.den = den.to(dtype)
 
     def to(self, dtype: torch.dtype) -> KroneckerSumInverse:
@@ -86,15 +90,20 @@ class BlockDiagonalInverse(BlockOperator):
         for k in sel:
             for table, out, shift, nm in ((damped.A, self.A_inv, self.pi[k] * self.gamma, "Ā"),
                                           (damped.G, self.G_inv, self.gamma / self.pi[k], "G")):
-                name = f"{nm}[{k},{k}] (damped, γ={self.gamma:g})"
+                name = f"{nm}[{k},{k}] of layer {k} (damped, γ={self.gamma:g})"
                 if eigs is not None and self.gamma > 0:
+                    # the same rule and κ₁ as PDFactor's, so that both paths accept the same factors
                     e = eigs[(nm, k)]
                     s_d = e._s64 + shift
                     if float(s_d.min()) <= 0:
-                        raise SingularFactorError(f"{name} is not positive definite; increase gamma.")
-                    out.append(((e._E64 / s_d) @ e._E64.T).to(dtype))
+                        check_condition(math.inf, name, dtype, "not positive definite: smallest eigenvalue "
+                                                               f"{float(s_d.min()):.3g}")
+                    inv = (e._E64 / s_d) @ e._E64.T
+                    M = table[k, k].double()
+                    check_condition(cond1(0.5 * (M + M.T), inv), name, dtype, "1-norm")
+                    out.append(inv.to(dtype))
                 else:
-                    out.append(PDFactor(table[k, k], name, strict=self.gamma == 0).inv().to(dtype))
+                    out.append(PDFactor(table[k, k], name, self.gamma == 0, dtype).inv().to(dtype))
 
     def apply_block(self, i, V):
         return self.G_inv[i] @ V @ self.A_inv[i]
@@ -115,16 +124,25 @@ class BlockDiagonalInverse(BlockOperator):
 
 
 class BlockTridiagonalInverse(BlockOperator):
-    """F̂⁻¹ = Ξᵀ Λ Ξ (Section 3.3; MATH.md §5), with factored Tikhonov damping on the diagonal factors.
+    """F̂⁻¹ = Ξᵀ Λ Ξ (Section 3.3), with factored Tikhonov damping on the diagonal factors.
 
     ``Ψ^Ā_k = Ā[k,k+1] Ā[k+1,k+1]⁻¹``, ``Ψ^G_k = G[k,k+1] G[k+1,k+1]⁻¹``; Λ holds the inverses of the
     conditional covariances ``Σ_{k|k+1} = Ā_kk⊗G_kk − (Ψ^Ā_k Ā[k+1,k]) ⊗ (Ψ^G_k G[k+1,k])``
     (Appendix I solver) and ``Σ_last = Ā⊗G``. Cross factors are used undamped.
+
+    ``neighbours="network"`` (default): F̂'s neighbours are layers k and k+1 of the network, so ``layers``
+    must be consecutive. F̂ of such a sub-chain is the paper's F̂ of the whole network restricted to those
+    layers (a Gaussian chain's marginal on a contiguous segment is the chain of the same neighbour blocks).
+    ``neighbours="selected"``: consecutive *selected* layers are treated as neighbours (F̃₀,₂ for layers
+    [0, 2]); that is not the paper's F̂ of the network, whose (0, 2) block is F̃₀,₁F̃₁,₁⁻¹F̃₁,₂.
     """
 
-    def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
+    def __init__(self, factors: KroneckerFactors, gamma: float, layers=None, pi="trace",
+                 neighbours: str = "network"):
         self.gamma = check_gamma(gamma)
         sel = factors.select(layers)
+        check_neighbours(sel, neighbours)
+        self.neighbours = neighbours
         super().__init__(sel, [factors.shapes[k] for k in sel])
         for k, l in zip(sel[:-1], sel[1:]):
             if (k, l) not in factors.A or (k, l) not in factors.G:
@@ -140,8 +158,10 @@ class BlockTridiagonalInverse(BlockOperator):
         dtype = d.dtype
         d = d.to(torch.float64)
         strict = self.gamma == 0
-        eigA = [PDFactor(d.A[k, k], f"Ā[{k},{k}] (damped, γ={self.gamma:g})", strict) for k in sel]
-        eigG = [PDFactor(d.G[k, k], f"G[{k},{k}] (damped, γ={self.gamma:g})", strict) for k in sel]
+        eigA = [PDFactor(d.A[k, k], f"Ā[{k},{k}] of layer {k} (damped, γ={self.gamma:g})", strict, dtype)
+                for k in sel]
+        eigG = [PDFactor(d.G[k, k], f"G[{k},{k}] of layer {k} (damped, γ={self.gamma:g})", strict, dtype)
+                for k in sel]
         self.A_inv = [e.inv() for e in eigA]
         self.G_inv = [e.inv() for e in eigG]
         self.psi_A, self.psi_G, self.sigma_inv = [], [], []
@@ -152,9 +172,10 @@ class BlockTridiagonalInverse(BlockOperator):
             self.psi_G.append(pG)
             C = pA @ d.A[k, l].T
             D = pG @ d.G[k, l].T
+            name = f"Σ_{{{k}|{l}}}, the Schur complement of layers {k} | {l} (γ={self.gamma:g})"
             self.sigma_inv.append(KroneckerSumInverse(d.A[k, k], d.G[k, k], 0.5 * (C + C.T), 0.5 * (D + D.T),
-                                                      sign=-1, name=f"Σ_{{{k}|{l}}}", strict=strict,
-                                                      pd_A=eigA[i], pd_B=eigG[i]).to(dtype))
+                                                      sign=-1, name=name, strict=strict,
+                                                      pd_A=eigA[i], pd_B=eigG[i], dtype=dtype))
         for name in ("A_inv", "G_inv", "psi_A", "psi_G"):
             setattr(self, name, [t.to(dtype) for t in getattr(self, name)])
 
@@ -216,9 +237,29 @@ def block_diagonal_inverse(factors: KroneckerFactors, gamma: float, layers=None,
     return BlockDiagonalInverse(factors, gamma, layers, pi)
 
 
-def block_tridiagonal_inverse(factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):
-    """F̂⁻¹ of the damped factors (Section 3.3; factored Tikhonov, Appendix E.3). ``pi``: "trace" or a number."""
-    return BlockTridiagonalInverse(factors, gamma, layers, pi)
+def block_tridiagonal_inverse(factors: KroneckerFactors, gamma: float, layers=None, pi="trace",
+                              neighbours: str = "network"):
+    """F̂⁻¹ of the damped factors (Section 3.3; factored Tikhonov, Appendix E.3). ``pi``: "trace" or a number;
+    ``neighbours``: see :class:`BlockTridiagonalInverse`."""
+    return BlockTridiagonalInverse(factors, gamma, layers, pi, neighbours)
+
+
+def check_neighbours(layers: list[int], neighbours: str) -> None:
+    """Refuse non-consecutive layers for the network's F̂ (Section 3.3) unless ``neighbours="selected"``."""
+    if neighbours not in NEIGHBOURS:
+        raise ValueError(f"neighbours must be one of {NEIGHBOURS}, got {neighbours!r}.")
+    gaps = [(k, l) for k, l in zip(layers[:-1], layers[1:]) if l != k + 1]
+    if neighbours == "network" and gaps:
+        k, l = gaps[0]
+        chain = "·".join([f"F̃[{k},{k + 1}]"] + [f"F̃[{m},{m}]⁻¹·F̃[{m},{m + 1}]" for m in range(k + 1, l)])
+        raise ValueError(
+            f"layers={layers} are not consecutive layers of the network (no layer between {k} and {l} is "
+            f"selected). F̂ (Section 3.3) links layer k only to layers k ± 1 of the network, so its block "
+            f"({k}, {l}) is {chain}, not F̃[{k},{l}]. Select "
+            f"consecutive layers (e.g. {list(range(layers[0], layers[-1] + 1))}), or pass "
+            "neighbours='selected' to treat consecutive selected layers as neighbours (a different "
+            "approximation, not the paper's F̂ of the network)."
+        )
 
 
 def factor_eigs(factors: KroneckerFactors, layers=None) -> dict:
@@ -234,10 +275,14 @@ def factor_eigs(factors: KroneckerFactors, layers=None) -> dict:
 INVERSES = {"blockdiag": BlockDiagonalInverse, "tridiag": BlockTridiagonalInverse}
 
 
-def make_inverse(kind: str, factors: KroneckerFactors, gamma: float, layers=None, pi="trace", eigs=None):
-    """``kind``: "blockdiag" or "tridiag"; ``eigs`` (block-diagonal only) as in :class:`BlockDiagonalInverse`."""
+def make_inverse(kind: str, factors: KroneckerFactors, gamma: float, layers=None, pi="trace", eigs=None,
+                 neighbours: str = "network"):
+    """``kind``: "blockdiag" or "tridiag"; ``eigs`` (block-diagonal only) as in :class:`BlockDiagonalInverse`;
+    ``neighbours`` (block-tridiagonal only) as in :class:`BlockTridiagonalInverse`."""
     if kind not in INVERSES:
         raise ValueError(f"inverse must be one of {sorted(INVERSES)}, got {kind!r}.")
+    if neighbours not in NEIGHBOURS:
+        raise ValueError(f"neighbours must be one of {NEIGHBOURS}, got {neighbours!r}.")
     if kind == "blockdiag":
         return BlockDiagonalInverse(factors, gamma, layers, pi, eigs=eigs)
-    return BlockTridiagonalInverse(factors, gamma, layers, pi)
+    return BlockTridiagonalInverse(factors, gamma, layers, pi, neighbours)

@@ -1,11 +1,16 @@
 """Structured curvature operators: apply to per-layer matrices or flat θ-vectors, and export dense.
 
 Per-layer matrices have shape ``(..., d_out, a_dim)`` (leading batch dims allowed); flat vectors use
-the paper layout of MATH.md §1 restricted to the operator's layers.
+the paper layout of MATH.md §1 restricted to the operator's layers. :func:`check_condition` is the
+one guard on inverting factors and Schur complements (Sections 3.2, 3.3, Appendix I).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +18,56 @@ import torch
 from ..errors import SingularFactorError
 from ..memory import check_dense_fits
 from ..nets import mats_to_vec, vec_to_mats
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def cond_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """``(warn, refuse)`` thresholds on the condition number κ of a matrix whose inverse is kept in ``dtype``.
+
+    An inverse loses up to log₁₀ κ digits (relative error ≲ κ·eps). Refuse when fewer than two are left,
+    κ > 1/(100·eps) (float64 ≈ 4.5e13, float32 ≈ 8.4e4); warn when two thirds of them may be lost,
+    κ > eps^(-2/3) (float64 ≈ 2.7e10, float32 ≈ 4.1e4).
+    """
+    eps = torch.finfo(dtype).eps
+    refuse = 1.0 / (100.0 * eps)
+    return min(eps ** (-2.0 / 3.0), refuse), refuse
+
+
+def _outside_package_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by our caller at the first frame outside kfac_lens."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def check_condition(kappa: float, name: str, dtype: torch.dtype, how: str = "",
+                    way_out: str = "Increase gamma (factored Tikhonov damping, Appendix E.3).") -> float:
+    """The one rule for factors and Schur complements (Sections 3.2, 3.3, Appendix I): raise
+    :class:`SingularFactorError` when κ is not finite (not positive definite) or above
+    ``cond_limits(dtype)[1]``; warn (``RuntimeWarning``) above ``cond_limits(dtype)[0]``. ``how``: how κ
+    was measured; ``way_out`` ends both messages."""
+    warn_at, refuse_at = cond_limits(dtype)
+    what = f"condition number {kappa:.3g}" if math.isfinite(kappa) else "condition number ∞"
+    what += f" ({how})" if how else ""
+    if not (math.isfinite(kappa) and kappa <= refuse_at):
+        raise SingularFactorError(
+            f"{name} is singular or too ill-conditioned to invert in {dtype}: {what}, above the limit "
+            f"{refuse_at:.2g} = 1/(100·eps) beyond which fewer than two digits of its inverse are right. "
+            + way_out
+        )
+    if kappa > warn_at:
+        warnings.warn(
+            f"{name} is nearly singular: {what}, above {warn_at:.2g} = eps^(-2/3) of {dtype}, so its inverse "
+            f"may be off by up to ~{kappa * torch.finfo(dtype).eps:.1g} (relative). {way_out}",
+            RuntimeWarning, stacklevel=_outside_package_stacklevel())
+    return kappa
+
+
+def cond1(M: torch.Tensor, M_inv: torch.Tensor) -> float:
+    """κ₁ = ‖M‖₁‖M⁻¹‖₁ from an inverse already at hand (O(n²)); LAPACK's rcond norm; κ₂ ≤ κ₁ ≤ n·κ₂ for symmetric M."""
+    return float(torch.linalg.matrix_norm(M, 1) * torch.linalg.matrix_norm(M_inv, 1))
 
 
 class SymmetricEig:
@@ -34,10 +89,11 @@ class SymmetricEig:
             tol = M.shape[0] * torch.finfo(tol_dtype or dtype).eps * max(float(s.abs().max()), 1e-300)
             if float(s.min()) <= tol:
                 rank = int((s > tol).sum())
+                kappa = float(s.max() / s.min()) if float(s.min()) > 0 else math.inf
                 raise SingularFactorError(
-                    f"{name} is singular (numerical rank {rank} of {M.shape[0]} in {dtype}), so it cannot be "
-                    "inverted at this damping. Pass gamma > 0 (factored Tikhonov damping, Appendix E.3), "
-                    "a larger gamma, or use more cases."
+                    f"{name} is singular (numerical rank {rank} of {M.shape[0]} in {dtype}, condition number "
+                    f"{kappa:.3g}), so it cannot be inverted at this damping. Increase gamma (pass gamma > 0; "
+                    "factored Tikhonov damping, Appendix E.3) or use more cases."
                 )
         self.s, self.E = s.to(dtype), E.to(dtype)
         self._s64, self._E64 = s, E
@@ -54,23 +110,27 @@ class PDFactor:
 
     Gives ``M⁻¹`` and the whitener ``W = L⁻¹`` (``W M Wᵀ = I``), which is all Appendix I needs, at a
     fraction of an eigendecomposition's cost. Raises :class:`SingularFactorError` when M is not
-    positive definite; with ``strict`` (γ = 0) also when it is singular to M's own precision.
+    positive definite or its condition number κ₁ (:func:`cond1`) is above ``cond_limits(dtype)[1]``, and
+    warns above ``cond_limits(dtype)[0]`` (:func:`check_condition`); ``dtype`` is the one the inverse is
+    kept in (default M's). With ``strict`` (γ = 0) an undamped singular factor is named as such.
     """
 
-    def __init__(self, M: torch.Tensor, name: str = "factor", strict: bool = False):
+    def __init__(self, M: torch.Tensor, name: str = "factor", strict: bool = False,
+                 dtype: torch.dtype | None = None):
         if strict:
             SymmetricEig(M, name, check_singular=True)
         M64 = M.double()
-        L, info = torch.linalg.cholesky_ex(0.5 * (M64 + M64.T))
+        M64 = 0.5 * (M64 + M64.T)
+        L, info = torch.linalg.cholesky_ex(M64)
         if int(info) != 0:
-            raise SingularFactorError(
-                f"{name} is not positive definite (Cholesky fails at column {int(info)}), so it cannot be "
-                "inverted at this damping. Pass gamma > 0 or a larger gamma (Appendix E.3)."
-            )
+            check_condition(math.inf, name, dtype or M.dtype, f"not positive definite: Cholesky fails at column "
+                                                              f"{int(info)}")
         self.L = L
+        self._inv = torch.cholesky_inverse(L)
+        self.cond = check_condition(cond1(M64, self._inv), name, dtype or M.dtype, "1-norm")
 
     def inv(self) -> torch.Tensor:
-        return torch.cholesky_inverse(self.L)
+        return self._inv
 
     def whitener(self) -> torch.Tensor:
         eye = torch.eye(self.L.shape[0], dtype=self.L.dtype, device=self.L.device)
