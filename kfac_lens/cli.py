@@ -47,13 +47,13 @@ def run_figures(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     wanted = list(dict.fromkeys(args.fig or FIGURES))
     progress = not args.quiet
-    written, metrics = [], []
+    written, metrics = [], {}
 
     def save(fig, df, name, figure_id):
         path = out / f"{name}.png"
         F.save_figure(fig, path)
         written.append(path)
-        metrics.append(df.assign(figure=figure_id))
+        metrics[figure_id] = df.assign(figure=figure_id)
         _say(f"  wrote {path}", args.quiet)
 
     try:
@@ -88,13 +88,21 @@ def run_figures(args) -> int:
             _say(f"training comparison ({args.data}, preset {args.preset}) on {device}", args.quiet)
             hist = zoo.training_comparison(args.preset, args.data, device=device, progress=progress,
                                            retrain=args.retrain, seed=args.seed)
-            save(*F.figure_training_curves(hist), "figure_training", "training")
+            save(*F.figure_training_curves(hist, **F.training_comparison_labels(args.preset, args.data)),
+                 "figure_training", "training")
     except DataUnavailableError as exc:
         print(f"kfac-lens: {exc}\nkfac-lens: to run offline, use --data digits.", file=sys.stderr)
         return 2
     if metrics:
+        # one table per figure (metrics/figure5.csv, ..., metrics/training.csv), each with only the
+        # columns that figure fills, and metrics.csv: their concatenation
+        (out / "metrics").mkdir(exist_ok=True)
+        for figure_id, df in metrics.items():
+            path = out / "metrics" / f"{'figure' + figure_id if figure_id.isdigit() else figure_id}.csv"
+            df.dropna(axis=1, how="all").to_csv(path, index=False)
+            written.append(path)
         path = out / "metrics.csv"
-        pd.concat(metrics, ignore_index=True, sort=False).to_csv(path, index=False)
+        pd.concat(metrics.values(), ignore_index=True, sort=False).to_csv(path, index=False)
         written.append(path)
     print(f"kfac-lens figures: wrote {len(written)} files to {out.resolve()} "
           f"in {time.perf_counter() - t_start:.0f} s:")

@@ -14,8 +14,12 @@ and 3; MATH.md §9 fixes the display convention, which every matrix panel here f
   Figure 6 saturates the diagonal blocks of F̃⁻¹ the same way). Where the differences are all zero
   the pool is the matrices. :func:`figure_exact_vs_kfac` and :func:`figure_cumulants` pool all their
   panels; :func:`figure_inverse_structure` gives each panel its own level, as the paper's Figure 3
-  does. The value is in the DataFrame's ``vmax`` column, ``df.attrs["vmax"]``, ``fig.kfac_lens["vmax"]``
-  and the figure's title;
+  does, and so does Figure 5's extra zoom of |F̃ − F̂| (its off-tridiagonal blocks are a few per
+  cent of F̃'s, black at the shared level). The value is in the DataFrame's ``vmax`` column,
+  ``df.attrs["vmax"]``, ``fig.kfac_lens["vmax"]`` and the figure's title (a panel with a level of
+  its own states it in its own title);
+- a slim **colourbar** right of every matrix panel of the figure functions (0 to the white level,
+  which it labels; the widgets go without), and ``fig.kfac_matrix_panels`` lists every matrix panel;
 - **block boundaries** as thin coloured lines at the layer-block edges, with ticks at the edges and
   each block labelled by its layer in the paper's 1-based naming (0-based layer k is ``W{k+1}``, so
   the example network's middle layers ``[1, 2, 3, 4]`` are W2..W5);
@@ -45,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, FixedLocator
 
 from .curvature.compare import block_errors, direction_errors, error_by_kind
 from .curvature.cumulants import CumulantTerms, cumulant_terms
@@ -68,13 +73,16 @@ __all__ = [
     "figure7",
     "figure7_data",
     "figure7_gammas",
+    "figure7_linthresh",
     "draw_figure7",
     "figure_cumulants",
     "figure_exact_vs_kfac",
     "figure_inverse_structure",
     "figure_training_curves",
+    "training_comparison_labels",
     "layer_label",
     "mean_pool",
+    "neighbour_share_chance",
     "save_figure",
     "shared_vmax",
 ]
@@ -84,6 +92,8 @@ DEFAULT_DPI = 130  # save_figure's resolution
 CMAP = "gray"  # 0 is black, large is white (Appendix C)
 BLOCK_LINE_COLOR = "tab:red"  # layer-block boundaries
 BLOCK_LINE_WIDTH = 0.6
+COLORBAR_PAD = 0.07  # inches between a matrix panel and its colourbar
+COLORBAR_WIDTH = 0.11  # inches
 # Downsampling filter for panels with more entries than pixels: "antialiased" averages neighbouring
 # entries instead of dropping rows/columns as "nearest" would (a damped inverse's bright diagonal
 # would otherwise flicker in and out).
@@ -158,6 +168,8 @@ class MatrixPanel:
     :meth:`show` creates the image on first use and afterwards only updates it (``set_data``,
     ``set_clim``, the extent when the size changes, and the block lines when the layer blocks change),
     so figures kept alive by the widgets are never rebuilt. ``data`` holds the |M| last shown.
+    :meth:`add_colorbar` attaches a slim colourbar (0 to the white level, ticks at 0, vmax/2 and vmax)
+    just right of the panel; ``colorbar`` is None until then.
 
     ``max_pixels`` (used by the widgets, where every redraw counts): when the matrix has at least twice
     as many rows as the panel has pixels, the image holds ``|M|`` mean-pooled over ``f × f`` tiles,
@@ -187,6 +199,8 @@ class MatrixPanel:
         self.max_pixels = max_pixels
         self._blocks: tuple | None = None
         self._extent: tuple | None = None
+        self.colorbar = None
+        self.vmax: float | None = None
         ax.set_title(title, fontsize=10)
 
     def set_title(self, title: str) -> None:
@@ -231,6 +245,9 @@ class MatrixPanel:
             if self._extent != extent:
                 self.image.set_extent(extent)
         self._extent = extent
+        self.vmax = float(vmax)
+        if self.colorbar is not None:
+            self._colorbar_ticks()
         self.ax.set_xlim(-0.5, n_cols - 0.5)
         self.ax.set_ylim(n_rows - 0.5, -0.5)
         col_sizes = sizes if col_sizes is None else col_sizes
@@ -247,6 +264,26 @@ class MatrixPanel:
             self._draw_blocks(sizes, labels, col_sizes, col_labels, n_rows, n_cols)
             self._blocks = blocks
         return data
+
+    def add_colorbar(self):
+        """A slim colourbar right of the panel (an inset of its axes, so it moves and hides with it).
+
+        It runs from 0 (black) to the white level; ``extend="max"`` marks that larger entries saturate
+        at white. Call after the first :meth:`show`. Returns the Colorbar.
+        """
+        if self.image is None:
+            raise ValueError("show a matrix before adding its colourbar.")
+        if self.colorbar is None:
+            w_in = self.ax.get_position().width * self.ax.figure.get_size_inches()[0]
+            cax = self.ax.inset_axes([1 + COLORBAR_PAD / w_in, 0.0, COLORBAR_WIDTH / w_in, 1.0])
+            self.colorbar = self.ax.figure.colorbar(self.image, cax=cax, extend="max", extendfrac=0.03)
+            cax.tick_params(labelsize=7, length=2, pad=1.5)
+            self._colorbar_ticks()
+        return self.colorbar
+
+    def _colorbar_ticks(self) -> None:
+        v = float(self.vmax)
+        self.colorbar.set_ticks([0.0, v / 2, v], labels=["0", _fmt(v / 2), _fmt(v)])
 
     def _draw_blocks(self, sizes, labels, col_sizes, col_labels, n_rows, n_cols) -> None:
         for ln in self.lines:
@@ -274,14 +311,20 @@ class MatrixPanel:
 
 # Fixed panel geometry (inches). A hand-made layout instead of constrained layout: it costs nothing
 # per draw (widgets redraw on every slider move) and lets a widget hide a row by shrinking the figure.
+# With colourbars (the figure functions; the widgets go without) each panel's slim bar sits in the gap
+# to its right, which widens to hold the bar and its tick labels.
 _GEOM = {"left": 0.5, "right": 0.15, "wgap": 0.55, "title": 0.32, "ticks": 0.3, "suptitle": 0.6}
+_GEOM_CBAR = {"wgap": 1.05, "right": 0.75}
 
 
 def _grid_rects(
-    n_rows: int, n_cols: int, panel_inches: float
+    n_rows: int, n_cols: int, panel_inches: float, colorbars: bool = False, extra_top: float = 0.0
 ) -> tuple[tuple[float, float], list[list[tuple]]]:
-    """Figure size and axes rectangles (figure fractions) of an n_rows × n_cols grid of square panels."""
-    g, p = _GEOM, float(panel_inches)
+    """Figure size and axes rectangles (figure fractions) of an n_rows × n_cols grid of square panels.
+
+    ``extra_top`` (inches) enlarges the band above the panels for a longer title."""
+    g, p = {**_GEOM, **(_GEOM_CBAR if colorbars else {})}, float(panel_inches)
+    g["suptitle"] += float(extra_top)
     width = g["left"] + n_cols * p + (n_cols - 1) * g["wgap"] + g["right"]
     row_h = g["title"] + p + g["ticks"]
     height = g["suptitle"] + n_rows * row_h
@@ -297,19 +340,25 @@ def _grid_rects(
     return (width, height), rects
 
 
-def _panel_grid(n_rows: int, n_cols: int, panel_inches: float = 3.3) -> tuple:
-    """A Figure with an n_rows × n_cols grid of square axes (2-D array), fixed layout."""
-    (w, h), rects = _grid_rects(n_rows, n_cols, panel_inches)
+def _panel_grid(
+    n_rows: int, n_cols: int, panel_inches: float = 3.3, *, colorbars: bool = False, extra_top: float = 0.0
+) -> tuple:
+    """A Figure with an n_rows × n_cols grid of square axes (2-D array), fixed layout.
+
+    ``colorbars=True`` leaves room right of every panel for :meth:`MatrixPanel.add_colorbar`;
+    ``extra_top`` (inches) makes room for a title of more than two lines.
+    """
+    (w, h), rects = _grid_rects(n_rows, n_cols, panel_inches, colorbars, extra_top)
     fig = Figure(figsize=(w, h))
     axes = np.array([[fig.add_axes(rect) for rect in row] for row in rects], dtype=object)
-    fig.kfac_geometry = (n_rows, n_cols, float(panel_inches))
+    fig.kfac_geometry = (n_rows, n_cols, float(panel_inches), bool(colorbars), float(extra_top))
     return fig, axes
 
 
 def _show_rows(fig: Figure, axes, n_visible: int) -> None:
     """Show only the first ``n_visible`` rows of a :func:`_panel_grid` figure, shrinking it to fit."""
-    n_rows, n_cols, p = fig.kfac_geometry
-    (w, h), rects = _grid_rects(n_visible, n_cols, p)
+    n_rows, n_cols, p, *rest = fig.kfac_geometry
+    (w, h), rects = _grid_rects(n_visible, n_cols, p, *rest)
     fig.set_size_inches(w, h)
     for r in range(n_rows):
         for c in range(n_cols):
@@ -747,24 +796,39 @@ def _comparison_figure(
     labels,
     suptitle: str,
     vmax: float | None,
+    *,
+    extra_cols: int = 0,
+    level_note: str = "shared by all panels",
 ):
-    """2×3 (or n×3) grid: reference | approximation | |difference| per row, one shared vmax."""
+    """n×3 grid: reference | approximation | |difference| per row, one shared vmax, a colourbar each.
+
+    ``extra_cols`` adds empty columns on the right (Figure 5's zoom). Returns ``(fig, vmax, axes)``.
+    """
     diffs = [(ref - approx) for _, ref, _, approx, _ in rows]
     if vmax is None:
         vmax = shared_vmax(diffs)
         if not any(bool((d != 0).any()) for d in diffs):  # nothing to show in the differences
             vmax = shared_vmax([m for _, ref, _, approx, _ in rows for m in (ref, approx)])
     vmax = float(vmax)
-    fig, axes = _panel_grid(len(rows), 3)
+    fig, axes = _panel_grid(len(rows), 3 + int(extra_cols), panel_inches=3.0, colorbars=True)
     panels = []
     for r, ((t_ref, ref, t_app, approx, t_diff), d) in enumerate(zip(rows, diffs)):
         for c, (title, M) in enumerate(((t_ref, ref), (t_app, approx), (t_diff, d))):
             p = MatrixPanel(axes[r, c], title)
             p.show(M, vmax, sizes, labels)
+            p.add_colorbar()
             panels.append(p)
-    _suptitle(fig, f"{suptitle}\nabsolute values; white level {_fmt(vmax)} shared by all panels")
+    _suptitle(fig, f"{suptitle}\nabsolute values; white level {_fmt(vmax)} {level_note}")
     fig.kfac_panels = panels
-    return fig, vmax
+    fig.kfac_matrix_panels = list(panels)
+    return fig, vmax, axes
+
+
+def _off_tridiagonal_mask(sizes: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Boolean P×P mask of the blocks (i, j) with |i − j| ≥ 2."""
+    idx = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor([int(s) for s in sizes]))
+    idx = idx.to(like.device)
+    return (idx[:, None] - idx[None, :]).abs() >= 2
 
 
 def _figure5_gamma(study: CurvatureStudy, gamma: float | None) -> tuple[float, bool]:
@@ -789,6 +853,12 @@ def figure5(study: CurvatureStudy, gamma: float | None = None, *, vmax: float | 
     keeps F̃'s diagonal blocks, F̂ reproduces its tridiagonal blocks (so those blocks of the
     difference are exactly 0) and, the paper's point, also approximates the off-tridiagonal blocks well.
 
+    At the shared level |F̃ − F̂| is black: its off-tridiagonal blocks are a few per cent of F̃'s. So a
+    fourth panel (bottom right) shows |F̃ − F̂| again at **its own white level**, the 99.5th percentile
+    of its off-tridiagonal entries (``zoom_vmax``, stated in its title; with fewer than three layers
+    there are no such blocks and the level is that of the whole difference), and the panel above it
+    lists the relative error of F̂ on each off-tridiagonal block. Every matrix panel has a colourbar.
+
     As in the paper the matrices are **undamped** (γ = 0). If the factors or the Schur complements
     Σ_{k|k+1} are singular at γ = 0, a tiny γ (:meth:`CurvatureStudy.default_small_gamma`) is used
     instead, the title says so and ``df.attrs["gamma_fallback"]`` is True. Pass ``gamma`` to choose.
@@ -796,7 +866,7 @@ def figure5(study: CurvatureStudy, gamma: float | None = None, *, vmax: float | 
     DataFrame: :func:`~kfac_lens.block_errors` of F̆ and F̂ against F̃ (per block and overall) with
     ``exact_by_construction`` (the blocks an approximation reproduces by definition: diagonal for F̆,
     tridiagonal for F̂), ``reproduced`` (``rel_error < 1e-6``; must be True where exact by
-    construction), ``gamma`` and ``vmax``.
+    construction), ``gamma``, ``vmax`` and ``zoom_vmax``.
     """
     g, fallback = _figure5_gamma(study, gamma)
     ref = study.F_tilde_damped(g)
@@ -815,7 +885,23 @@ def figure5(study: CurvatureStudy, gamma: float | None = None, *, vmax: float | 
         f"Figure 5: $\\tilde F$ vs $\\breve F$ (top) and $\\hat F$ (bottom), {study.name}, "
         f"layers {study.labels[0]}–{study.labels[-1]}, P = {study.n_params}, {damp}"
     )
-    fig, used_vmax = _comparison_figure(rows, study.sizes, study.labels, title, vmax)
+    diff = ref - hat
+    mask = _off_tridiagonal_mask(study.sizes, diff)
+    has_off = bool(mask.any())
+    zoom_vmax = shared_vmax([diff[mask]]) if has_off else shared_vmax([diff])
+    fig, used_vmax, axes = _comparison_figure(
+        rows, study.sizes, study.labels, title, vmax, extra_cols=1,
+        level_note=f"shared by the six left panels; the bottom-right zoom has its own ({_fmt(zoom_vmax)})",
+    )
+    zoom = MatrixPanel(
+        axes[1, 3],
+        (r"off-tridiag. $|\tilde F - \hat F|$" if has_off else r"$|\tilde F - \hat F|$")
+        + f", white = {_fmt(zoom_vmax)}",
+    )
+    zoom.show(diff, zoom_vmax, study.sizes, study.labels)
+    zoom.add_colorbar()
+    fig.kfac_zoom_panel = zoom
+    fig.kfac_matrix_panels.append(zoom)
     parts = []
     for name, approx, exact_pred in (
         ("F̆ (block-diagonal)", breve, lambda kind: kind == "diagonal"),
@@ -828,8 +914,35 @@ def figure5(study: CurvatureStudy, gamma: float | None = None, *, vmax: float | 
     df["reproduced"] = df["rel_error"] < 1e-6
     df["gamma"] = g
     df["vmax"] = used_vmax
-    _attach(fig, df, figure="figure5", vmax=used_vmax, gamma=g, gamma_fallback=fallback, layers=study.layers)
+    df["zoom_vmax"] = zoom_vmax
+    _figure5_notes(axes[0, 3], df, diff, ref, mask, used_vmax, zoom_vmax)
+    _attach(fig, df, figure="figure5", vmax=used_vmax, zoom_vmax=zoom_vmax, gamma=g, gamma_fallback=fallback,
+            layers=study.layers)
     return fig, df
+
+
+def _figure5_notes(ax, df, diff, ref, mask, vmax: float, zoom_vmax: float) -> None:
+    """The text beside Figure 5's zoom: F̂'s relative error on each off-tridiagonal block (from ``df``)."""
+    ax.set_axis_off()
+    hat = df[df["comparison"].str.startswith("F̂") & (df["kind"] == "off-tridiagonal")]
+    lines = [r"$\hat F$ reproduces the tridiagonal blocks of $\tilde F$", "(difference 0 up to rounding)."]
+    if len(hat):
+        seen, per_block = set(), []
+        for _, r in hat.iterrows():
+            key = tuple(sorted((r["block_row"], r["block_col"])))
+            if key not in seen:
+                seen.add(key)
+                per_block.append(f"  ({key[0]}, {key[1]}):  {r['rel_error']:.1%}")
+        total = float(torch.linalg.norm(diff[mask]) / torch.linalg.norm(ref[mask]))
+        lines += ["", r"Off-tridiagonal blocks, $\|\tilde F - \hat F\|_F\,/\,\|\tilde F\|_F$:"]
+        lines += per_block[:10] + (["  …"] if len(per_block) > 10 else [])
+        lines += [f"  all of them:  {total:.1%}", r"($\breve F$ puts zeros there: 100%)"]
+    else:
+        lines += ["", "No off-tridiagonal blocks (fewer than 3 layers):", r"$\hat F$ equals $\tilde F$."]
+    lines += ["", f"Zoom below: white = {_fmt(zoom_vmax)},",
+              f"{vmax / zoom_vmax:.3g}× finer than the shared {_fmt(vmax)}."]
+    ax.text(0.0, 1.0, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=9,
+            linespacing=1.35)
 
 
 def figure6(study: CurvatureStudy, gamma: float, *, vmax: float | None = None):
@@ -866,7 +979,7 @@ def figure6(study: CurvatureStudy, gamma: float, *, vmax: float | None = None):
         f"Figure 6: $\\tilde F^{{-1}}$ vs $\\breve F^{{-1}}$ (top) and $\\hat F^{{-1}}$ (bottom), "
         f"{study.name}, layers {study.labels[0]}–{study.labels[-1]}, factored Tikhonov γ = {_fmt(g)}"
     )
-    fig, used_vmax = _comparison_figure(rows, study.sizes, study.labels, title, vmax)
+    fig, used_vmax, _axes = _comparison_figure(rows, study.sizes, study.labels, title, vmax)
     df = study.inverse_errors(g).copy()
     df["vmax"] = used_vmax
     _attach(fig, df, figure="figure6", vmax=used_vmax, gamma=g, layers=study.layers)
@@ -888,61 +1001,181 @@ def figure7_gammas(chosen: float, below: float = 4.0, above: float = 2.0, points
 
 
 def figure7_data(optimizer, X, y, gammas=None, *, lam=None, progress=False, cache=None,
-                 variants=None) -> pd.DataFrame:
-    """The improvement h(θ) − h(θ+δ) against γ for the update variants (KFAC.gamma_sweep)."""
+                 variants=None, dtype="auto") -> pd.DataFrame:
+    """The improvement h(θ) − h(θ+δ) against γ for the update variants (KFAC.gamma_sweep).
+
+    K-FAC refuses to invert damped factors that are too ill-conditioned for its dtype
+    (:class:`~kfac_lens.SingularFactorError`); in float32 that happens at the small γ of Figure 7's grid.
+    ``dtype``:
+
+    - ``"auto"`` (default): the optimizer's own dtype; if K-FAC refuses some γ there, the whole sweep
+      is redone in float64 on a copy of the optimizer and its model (same state, same data), so every
+      γ gets a value from one consistent computation;
+    - ``None``: the optimizer's dtype only; a refused γ is kept as rows with NaN ``improvement``, ``M``,
+      ``alpha``, ``mu`` and the reason in a ``refused`` column (present only then);
+    - a torch dtype: the sweep in that dtype (on a copy when it differs), refused γ as for ``None``.
+
+    The ``dtype`` column names the dtype the values were computed in. ``cache`` as in
+    ``KFAC.gamma_sweep`` (the float64 copy and its own cache are kept in it too).
+    """
     gammas = figure7_gammas(optimizer.gamma) if gammas is None else np.asarray(gammas, dtype=float)
-    df = optimizer.gamma_sweep(X, y, gammas, lam=lam, progress=progress, cache=cache, variants=variants)
+    cache = {} if cache is None else cache
+    kw = dict(lam=lam, variants=variants, progress=progress)
+    own = optimizer.view.dtype
+    if dtype == "auto":
+        target = torch.float64 if cache.get("figure7_auto_dtype") == torch.float64 else own
+        try:
+            df = _figure7_sweep(optimizer, X, y, gammas, target, cache, kw, per_gamma=False)
+        except SingularFactorError:
+            if target == torch.float64:
+                df = _figure7_sweep(optimizer, X, y, gammas, target, cache, kw, per_gamma=True)
+            else:
+                cache["figure7_auto_dtype"] = target = torch.float64
+                df = _figure7_sweep(optimizer, X, y, gammas, target, cache, kw, per_gamma=True)
+    else:
+        target = own if dtype is None else dtype
+        df = _figure7_sweep(optimizer, X, y, gammas, target, cache, kw, per_gamma=True)
     return df.assign(figure="7", chosen_gamma=optimizer.gamma,
-                     lam=optimizer.lam if lam is None else float(lam))
+                     lam=optimizer.lam if lam is None else float(lam),
+                     dtype=str(target).removeprefix("torch."))
+
+
+def _figure7_sweep(optimizer, X, y, gammas, dtype, cache: dict, kw: dict, per_gamma: bool) -> pd.DataFrame:
+    """One gamma_sweep in ``dtype``; ``per_gamma``: on a refusal go γ by γ and keep NaN rows for refused γ."""
+    if dtype != optimizer.view.dtype:
+        key = ("figure7 copy", str(dtype))
+        if key not in cache:
+            cache[key] = {"optimizer": _optimizer_copy(optimizer, dtype), "cache": {}}
+        opt, cache = cache[key]["optimizer"], cache[key]["cache"]
+        X = torch.as_tensor(X).to(dtype)
+        y = torch.as_tensor(y)
+        y = y.to(dtype) if y.is_floating_point() else y
+    else:
+        opt = optimizer
+    try:
+        return opt.gamma_sweep(X, y, gammas, cache=cache, **kw)
+    except SingularFactorError:
+        if not per_gamma:
+            raise
+    if "eigs" not in cache:  # as the one-call sweep would share it
+        cache["eigs"] = opt._shared_eigs(len(gammas))
+    names = list(opt.VARIANTS) if kw.get("variants") is None else list(kw["variants"])
+    parts = []
+    for g in gammas:
+        try:
+            parts.append(opt.gamma_sweep(X, y, [float(g)], cache=cache, **{**kw, "progress": False}))
+        except SingularFactorError as exc:
+            parts.append(pd.DataFrame({"gamma": float(g), "variant": names, "improvement": np.nan,
+                                       "M": np.nan, "alpha": np.nan, "mu": np.nan,
+                                       "refused": str(exc).split(":")[0]}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _optimizer_copy(optimizer, dtype: torch.dtype):
+    """A copy of a K-FAC optimizer and its model in ``dtype``, with the same state (factors, λ, γ, δ₀)."""
+    memo = {id(optimizer.generator): torch.Generator(device=optimizer.view.device)}  # not deep-copyable
+    opt = copy.deepcopy(optimizer, memo)
+    opt.model.to(dtype)
+    opt.load_state_dict(optimizer.state_dict())  # casts the factors, δ₀ and the inverse to the new dtype
+    return opt
+
+
+def figure7_linthresh(df: pd.DataFrame) -> float:
+    """The symlog linear threshold of Figure 7's y axis, taken from the data.
+
+    The smallest positive improvement of the re-scaled curves (or of any curve when they have none),
+    so every positive value of those curves lies on the logarithmic part and none is flattened into
+    the linear band around 0; 1 when no improvement is positive.
+    """
+    imp = df["improvement"].astype(float)
+    rescaled = df["variant"].astype(str).str.startswith("re-scaled")
+    for sel in (rescaled, np.ones(len(df), dtype=bool)):
+        pos = imp[sel & (imp > 0) & np.isfinite(imp)]
+        if len(pos):
+            return float(pos.min())
+    return 1.0
+
+
+def _symlog_ticks(values, linthresh: float) -> list[float]:
+    """0 and ±10^k for the decades from the first one above ``linthresh`` to the data's extremes (none
+    inside the linear band, where they would crowd the 0 label)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    k0 = math.ceil(math.log10(linthresh) + 1e-9)
+    ticks = [0.0]
+    for sign, top in ((1.0, v.max(initial=0.0)), (-1.0, -v.min(initial=0.0))):
+        if top > linthresh:
+            ticks += [sign * 10.0**k for k in range(k0, math.ceil(math.log10(top)) + 1)]
+    return sorted(ticks)
 
 
 def draw_figure7(ax, df: pd.DataFrame, chosen_gamma: float | None, variants=None) -> dict:
-    """Draw Figure 7's curves on ``ax``; improvements far below zero are clipped to the axis and marked ▼."""
+    """Draw Figure 7's curves on ``ax``: every point at its value, on a symlog y axis.
+
+    The raw Δ can make h worse by many orders of magnitude while the re-scaled updates improve it by
+    fractions, so the y axis is symmetric-logarithmic (``symlog``) with the linear threshold of
+    :func:`figure7_linthresh` (the smallest positive re-scaled improvement): logarithmic above it and
+    below minus it, linear in between. Nothing is clipped. The star marks the γ K-FAC chose (on the
+    zero line, with a dashed vertical line). The legend sits outside the axes, to their right, so it
+    covers no curve. Returns ``{variant: Line2D}``.
+    """
     ax.clear()
     variants = list(FIGURE7_STYLES) if variants is None else list(variants)
-    pos = df.loc[df["improvement"] > 0, "improvement"]
-    top = float(pos.max()) if len(pos) else 1.0
-    floor = -0.6 * top
     lines = {}
-    clipped_label = "below the axis (h much worse)"
+    shown = []
     for name in variants:
         d = df[df["variant"] == name].sort_values("gamma")
         if d.empty:
             continue
         st = FIGURE7_STYLES.get(name, {})
-        yv = d["improvement"].to_numpy()
-        (lines[name],) = ax.plot(d["gamma"], np.maximum(yv, floor), label=name, color=st.get("color"),
-                                 marker=st.get("marker"), ms=4, lw=1.5)
-        clipped = yv < floor
-        if clipped.any():
-            ax.plot(d["gamma"].to_numpy()[clipped], np.full(clipped.sum(), floor), linestyle="none",
-                    marker="v", color=st.get("color"), ms=7, label=clipped_label)
-            clipped_label = None
+        (lines[name],) = ax.plot(d["gamma"].to_numpy(), d["improvement"].to_numpy(dtype=float), label=name,
+                                 color=st.get("color"), marker=st.get("marker"), ms=4, lw=1.5)
+        shown.append(d)
+    linthresh = figure7_linthresh(pd.concat(shown) if shown else df)
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=1.0)
+    ax.yaxis.set_major_locator(FixedLocator(_symlog_ticks(df["improvement"], linthresh)))
     ax.axhline(0.0, color="0.3", lw=0.8)
+    if "refused" in df.columns:  # γ without a value: K-FAC refused to invert the damped factors there
+        grid = np.unique(df["gamma"].to_numpy(dtype=float))
+        refused = set(df.loc[df["refused"].notna(), "gamma"].astype(float))
+        label = "no value: K-FAC refuses to invert\nthe damped factors at this γ\n(too ill-conditioned)"
+        for i, g in enumerate(grid):
+            if g in refused:
+                lo = math.sqrt(g * grid[i - 1]) if i > 0 else g / 1.5
+                hi = math.sqrt(g * grid[i + 1]) if i + 1 < len(grid) else g * 1.5
+                ax.axvspan(lo, hi, color="0.85", lw=0, zorder=0, label=label)
+                label = None
     if chosen_gamma is not None:
         ax.axvline(chosen_gamma, color="0.4", ls="--", lw=1)
         ax.plot([chosen_gamma], [0.0], marker="*", color="black", ms=12, linestyle="none",
                 label=f"γ chosen by K-FAC ({chosen_gamma:.3g})")
     ax.set_xscale("log")
-    ax.set_ylim(floor * 1.08, top * 1.12)
     ax.set_xlabel("γ (factored Tikhonov strength)")
-    ax.set_ylabel("improvement h(θ) − h(θ+δ)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylabel(f"improvement h(θ) − h(θ+δ)\n(symlog: linear for |y| < {linthresh:.2g})")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    ax.kfac_linthresh = linthresh
     return lines
 
 
-def figure7(optimizer, X, y, gammas=None, *, lam=None, title=None, progress=False):
+def figure7(optimizer, X, y, gammas=None, *, lam=None, title=None, progress=False, dtype="auto"):
     """Figure 7: the improvement h(θ) − h(θ+δ) against γ for the re-scaled update with and without K-FAC
     momentum and the raw Δ (Appendix E.4), on the network and data the optimizer is at (e.g. the zoo
-    autoencoder at its captured iteration). A ▼ marks values below the axis (the raw Δ can make h far
-    worse); the star marks the γ K-FAC chose. Returns (Figure, DataFrame)."""
-    df = figure7_data(optimizer, X, y, gammas, lam=lam, progress=progress)
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    autoencoder at its captured iteration). Symlog y axis, every point at its value (the raw Δ can
+    make h worse by millions while the re-scaled updates gain fractions); the star marks the γ K-FAC
+    chose; the legend is outside the axes. ``dtype`` as in :func:`figure7_data` (by default a float32
+    optimizer whose factors are too ill-conditioned at small γ is evaluated in float64, and the title
+    says so). Returns (Figure, DataFrame)."""
+    df = figure7_data(optimizer, X, y, gammas, lam=lam, progress=progress, dtype=dtype)
+    fig = Figure(figsize=(8.6, 4.6), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     draw_figure7(ax, df, optimizer.gamma)
+    own = str(optimizer.view.dtype).removeprefix("torch.")
+    used = str(df["dtype"].iloc[0])
+    note = "" if used == own else (f"\ncomputed in {used}: the {own} factors are too ill-conditioned "
+                                   "to invert at small γ")
     ax.set_title(title or f"Figure 7: update quality vs damping (iteration {optimizer.k - 1}, "
-                          f"λ = {df['lam'].iloc[0]:.3g})", fontsize=10)
+                          f"λ = {df['lam'].iloc[0]:.3g}){note}", fontsize=10)
     return fig, df
 
 
@@ -950,45 +1183,69 @@ def figure7(optimizer, X, y, gammas=None, *, lam=None, title=None, progress=Fals
 def figure_exact_vs_kfac(study: CurvatureStudy, *, vmax: float | None = None):
     """Exact F, F̃ and |F − F̃| side by side (the main text's Figure 2), one shared white level.
 
+    The white level is in the figure's title and each panel has a slim colourbar.
     DataFrame: :func:`~kfac_lens.block_errors` of F̃ against F (overall and per block), with ``vmax``.
     """
     F, Ft = study.F, study.F_tilde
     mats = [F, Ft, F - Ft]
     vmax = shared_vmax(mats) if vmax is None else float(vmax)
-    fig, axes = _panel_grid(1, 3)
+    fig, axes = _panel_grid(1, 3, colorbars=True)
     panels = []
     for ax, title, M in zip(axes[0], (r"exact $F$", r"$\tilde F$ (K-FAC)", r"$|F - \tilde F|$"), mats):
         p = MatrixPanel(ax, title)
         p.show(M, vmax, study.sizes, study.labels)
+        p.add_colorbar()
         panels.append(p)
     _suptitle(
         fig,
         f"Exact Fisher vs its Kronecker-factored approximation, {study.name}, "
-        f"layers {study.labels[0]}–{study.labels[-1]} (P = {study.n_params})",
+        f"layers {study.labels[0]}–{study.labels[-1]} (P = {study.n_params})\n"
+        f"absolute values; white level {_fmt(vmax)} shared by all panels",
     )
     fig.kfac_panels = panels
+    fig.kfac_matrix_panels = list(panels)
     df = block_errors(Ft, F, study.sizes, labels=study.labels, name="F̃ vs F")
     df["vmax"] = vmax
     _attach(fig, df, figure="exact_vs_kfac", vmax=vmax, layers=study.layers)
     return fig, df
 
 
+def neighbour_share_chance(sizes: Sequence[int]) -> float:
+    """The neighbour share of the off-diagonal-block mass a matrix with evenly spread mass would have.
+
+    That is the fraction of the off-diagonal-block *entries* that lie on the neighbouring blocks
+    (Σ_{|i−j|=1} s_i s_j / Σ_{i≠j} s_i s_j): 0.5 for four equal blocks, 1 for two. A
+    ``neighbour_share_of_off_diagonal`` (:func:`block_mass`) near this level says nothing about
+    tridiagonal structure. NaN for a single block.
+    """
+    s = [float(v) for v in sizes]
+    n = len(s)
+    near = sum(s[i] * s[j] for i in range(n) for j in range(n) if abs(i - j) == 1)
+    off = sum(s[i] * s[j] for i in range(n) for j in range(n) if i != j)
+    return near / off if off else float("nan")
+
+
 def figure_inverse_structure(study: CurvatureStudy, gamma: float):
-    """F̃ beside F̃⁻¹ (the main text's Figure 3): the inverse is close to block-tridiagonal.
+    """F̃ beside F̃⁻¹ (the main text's Figure 3), titled with how block-tridiagonal the inverse is.
 
     F̃⁻¹ is the inverse of the damped F̃ at ``gamma``. Exception to the shared white level, as in the
     paper's Figure 3: F̃ and its inverse differ in scale by orders of magnitude, so each panel has its
-    own vmax (the ``vmax`` column): the 99.5th percentile of |F̃|, and for F̃⁻¹ that of its
-    *off-diagonal blocks*, so that its strong diagonal blocks saturate and the contrast between the
-    neighbouring blocks and those beyond them shows.
+    own vmax (the ``vmax`` column, in the panel's title and on its colourbar): the 99.5th percentile
+    of |F̃|, and for F̃⁻¹ that of its *off-diagonal blocks*, so that its strong diagonal blocks
+    saturate and the contrast between the neighbouring blocks and those beyond them shows.
+
+    The title states, computed from the matrices, the share of ‖F̃⁻¹‖_F² in the diagonal blocks and
+    the share of the rest that sits on the neighbouring blocks, next to its chance level
+    (:func:`neighbour_share_chance`) and to the same share for F̃ itself. How block-tridiagonal F̃⁻¹
+    looks depends strongly on γ: heavy damping makes it nearly block-diagonal.
 
     DataFrame (one row per matrix: F̃, damped F̃, F̃⁻¹): fractions of the squared Frobenius mass on the
-    diagonal blocks, the neighbouring blocks and beyond (:func:`block_mass`); for F̃⁻¹ the off-diagonal
-    mass should sit mostly on the neighbouring blocks (``neighbour_share_of_off_diagonal`` near 1).
+    diagonal blocks, the neighbouring blocks and beyond (:func:`block_mass`), and
+    ``neighbour_share_chance``.
     """
     g = float(gamma)
     Ft, Fd, Finv = study.F_tilde, study.F_tilde_damped(g), study.F_tilde_inverse(g)
-    fig, axes = _panel_grid(1, 2, panel_inches=4.0)
+    fig, axes = _panel_grid(1, 2, panel_inches=4.0, colorbars=True, extra_top=0.3)  # a 3-line title
     panels, vmaxes = [], []
     for ax, title, M in zip(
         axes[0], (r"$\tilde F$", rf"$\tilde F^{{-1}}$ (damped, γ = {_fmt(g)})"), (Ft, Finv)
@@ -1002,10 +1259,10 @@ def figure_inverse_structure(study: CurvatureStudy, gamma: float):
             v = shared_vmax([M])
         p = MatrixPanel(ax, title + f", white = {_fmt(v)}")
         p.show(M, v, study.sizes, study.labels)
+        p.add_colorbar()
         panels.append(p)
         vmaxes.append(v)
-    _suptitle(fig, f"$\\tilde F$ and its inverse, {study.name}: the inverse is nearly block-tridiagonal")
-    fig.kfac_panels = panels
+    chance = neighbour_share_chance(study.sizes)
     rows = []
     for name, M, v in (
         ("F̃", Ft, vmaxes[0]),
@@ -1013,11 +1270,43 @@ def figure_inverse_structure(study: CurvatureStudy, gamma: float):
         ("F̃⁻¹ (damped F̃)", Finv, vmaxes[1]),
     ):
         rows.append(
-            {"matrix": name, "gamma": g if name != "F̃" else 0.0, **block_mass(M, study.sizes), "vmax": v}
+            {"matrix": name, "gamma": g if name != "F̃" else 0.0, **block_mass(M, study.sizes), "vmax": v,
+             "neighbour_share_chance": chance}
         )
     df = pd.DataFrame(rows)
+    _suptitle(fig, inverse_structure_title(study.name, g, df))
+    fig.kfac_panels = panels
+    fig.kfac_matrix_panels = list(panels)
     _attach(fig, df, figure="inverse_structure", vmax=tuple(vmaxes), gamma=g, layers=study.layers)
     return fig, df
+
+
+def inverse_structure_title(name: str, gamma: float, df: pd.DataFrame) -> str:
+    """The title of :func:`figure_inverse_structure`, from its DataFrame's numbers."""
+    ft, inv = df.iloc[0], df.iloc[-1]
+    chance = float(inv["neighbour_share_chance"])
+    return (
+        f"$\\tilde F$ and the inverse of the damped $\\tilde F$ (γ = {_fmt(gamma)}), {name}\n"
+        f"$\\tilde F^{{-1}}$: {_pct(inv['diagonal_mass'])} of its squared mass is in the diagonal blocks; "
+        f"of the remaining {_pct(1 - inv['diagonal_mass'])}, {_pct(inv['neighbour_share_of_off_diagonal'])} "
+        f"is on the neighbouring blocks\n"
+        f"(chance level, by entry count: {_pct(chance)}; "
+        f"$\\tilde F$ itself: {_pct(ft['neighbour_share_of_off_diagonal'])} of its "
+        f"{_pct(1 - ft['diagonal_mass'])} off-diagonal mass)"
+    )
+
+
+def _pct(x: float) -> str:
+    """A fraction as a percentage with enough digits to tell it from 0% and 100%."""
+    x = float(x)
+    if not math.isfinite(x):
+        return "n/a"
+    v = 100 * x
+    for d in (0, 1, 2, 3):
+        txt = f"{v:.{d}f}"
+        if float(txt) not in (0.0, 100.0) or v in (0.0, 100.0):
+            return txt + "%"
+    return f"{v:.2g}%"
 
 
 # ============================================================================ Appendix B
@@ -1030,9 +1319,10 @@ CUMULANT_PANELS = (
 )
 
 
-def cumulant_figure(panel_inches: float = 3.0) -> tuple[Figure, list[MatrixPanel]]:
-    """An empty 1×5 figure for the Appendix B panels (fill it with :func:`draw_cumulants`)."""
-    fig, axes = _panel_grid(1, len(CUMULANT_PANELS), panel_inches=panel_inches)
+def cumulant_figure(panel_inches: float = 3.0, *, colorbars: bool = False) -> tuple[Figure, list[MatrixPanel]]:
+    """An empty 1×5 figure for the Appendix B panels (fill it with :func:`draw_cumulants`, which adds a
+    colourbar to each panel when ``colorbars``; :func:`figure_cumulants` asks for them)."""
+    fig, axes = _panel_grid(1, len(CUMULANT_PANELS), panel_inches=panel_inches, colorbars=colorbars)
     return fig, [MatrixPanel(ax, title) for ax, (_, title) in zip(axes[0], CUMULANT_PANELS)]
 
 
@@ -1046,8 +1336,11 @@ def draw_cumulants(
     mats = [terms.as_block(name) for name, _ in CUMULANT_PANELS]
     vmax = shared_vmax(mats) if vmax is None else float(vmax)
     k, l = terms.k, terms.l
+    colorbars = len(getattr(fig, "kfac_geometry", ())) > 3 and fig.kfac_geometry[3]
     for p, M in zip(panels, mats):
         p.show(M, vmax)
+        if colorbars:
+            p.add_colorbar()
         p.ax.set_xlabel(f"{layer_label(l)}: (ā index, g index)", fontsize=8)
     panels[0].ax.set_ylabel(f"{layer_label(k)}: (ā index, g index)", fontsize=8)
     note = "exact over y" if terms.exact else f"estimator {terms.estimator!r}: the identity need not hold"
@@ -1057,6 +1350,7 @@ def draw_cumulants(
         f"cumulant terms ({note}); white = {_fmt(vmax)}",
     )
     fig.kfac_panels = list(panels)
+    fig.kfac_matrix_panels = list(panels)
     return vmax
 
 
@@ -1089,7 +1383,7 @@ def figure_cumulants(
             terms = model.cumulants(k, l, estimator=estimator, **kw)
         else:
             terms = cumulant_terms(model, X, likelihood, k, l, estimator=estimator, y=y, **kw)
-    fig, panels = cumulant_figure()
+    fig, panels = cumulant_figure(colorbars=True)
     used = draw_cumulants(fig, panels, terms, vmax)
     df = terms.summary()
     df["vmax"] = used
@@ -1098,12 +1392,38 @@ def figure_cumulants(
 
 
 # ============================================================================ training curves
-def figure_training_curves(histories: Mapping[str, pd.DataFrame], *, title: str = "Training curves"):
-    """Loss (log scale) per iteration (left, log scale) and per second of wall-clock time (right).
+TRAINING_ERROR_DEFINITIONS = {
+    # what kfac_lens.optim.train's `evaluate` records as "error" for each likelihood
+    "bernoulli": ("squared reconstruction error per case", r"$\sum_i (\sigma(z_i) - y_i)^2$, mean over cases"),
+    "gaussian": ("squared error per case", r"$\sum_i (z_i - y_i)^2$, mean over cases"),
+    "categorical": ("classification error rate", "fraction of cases with argmax z ≠ y"),
+}
+TRAINING_LOSS_DEFINITION = "mean negative log-likelihood per case on the iteration's mini-batch, before the update"
 
-    ``histories`` maps a run name to a DataFrame with columns ``iteration``, ``time`` (seconds),
-    ``loss`` and optionally ``error``. When any run has ``error`` a second row plots it the same way
-    (2×2 axes; otherwise 1×2). DataFrame: all histories stacked with a ``run`` column.
+
+def figure_training_curves(
+    histories: Mapping[str, pd.DataFrame],
+    *,
+    title: str | None = None,
+    network: str | None = None,
+    data: str | None = None,
+    preset: str | None = None,
+    likelihood: str | None = None,
+):
+    """Loss and error against iterations, training cases processed and wall-clock time.
+
+    ``histories`` maps a run name to a DataFrame with columns ``iteration``, ``time`` (seconds of
+    optimizer time), ``loss`` and optionally ``error`` and ``batch_size`` (as
+    :func:`kfac_lens.optim.train` records them). Columns of axes: iteration (log scale) | cases
+    processed (the cumulative sum of ``batch_size``: how many training cases the optimizer has seen,
+    repeats counted; only when some history has ``batch_size``) | time. Rows: ``loss`` (the mini-batch
+    loss ``train`` records: mean NLL per case on the iteration's mini-batch, before the update) and,
+    when any run has ``error``, the error (recorded every few iterations on the whole training set);
+    ``likelihood`` ("bernoulli", "gaussian", "categorical") names its definition on the axis and in
+    the title (:data:`TRAINING_ERROR_DEFINITIONS`).
+
+    The title names ``network``, ``data`` and ``preset`` when given (``title`` replaces its first line).
+    DataFrame: all histories stacked with a ``run`` column (and ``cases_processed`` where defined).
     """
     if not histories:
         raise ValueError("figure_training_curves needs at least one history DataFrame.")
@@ -1112,31 +1432,74 @@ def figure_training_curves(histories: Mapping[str, pd.DataFrame], *, title: str 
         if missing:
             raise ValueError(
                 f"history {name!r} lacks column(s) {sorted(missing)}; "
-                "need iteration, time (seconds), loss and optionally error."
+                "need iteration, time (seconds), loss and optionally error and batch_size."
             )
+    histories = {
+        name: (h.assign(cases_processed=h["batch_size"].astype(float).cumsum()) if "batch_size" in h.columns else h)
+        for name, h in histories.items()
+    }
     has_error = any("error" in h.columns and h["error"].notna().any() for h in histories.values())
-    n_rows = 2 if has_error else 1
-    fig = Figure(figsize=(10, 3.8 * n_rows), layout="constrained")
-    axes = fig.subplots(n_rows, 2, squeeze=False)
+    has_cases = any("cases_processed" in h.columns for h in histories.values())
+    xaxes = [("iteration", "iteration")]
+    if has_cases:
+        xaxes.append(("cases_processed", "training cases processed\n(cumulative mini-batch sizes)"))
+    xaxes.append(("time", "optimizer time (s)"))
+    n_rows, n_cols = (2 if has_error else 1), len(xaxes)
+    lik = None if likelihood is None else str(likelihood).lower()
+    err_short, err_formula = TRAINING_ERROR_DEFINITIONS.get(lik, ("error as recorded in the history", ""))
+    ylabels = {
+        "loss": "training loss\n(mini-batch NLL per case)",
+        "error": f"training-set error\n({err_short})",
+    }
+    fig = Figure(figsize=(4.6 * n_cols, 3.6 * n_rows + 0.5), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, col in enumerate(["loss", "error"][:n_rows]):
-        for c, (xcol, xlabel) in enumerate((("iteration", "iteration"), ("time", "time (s)"))):
+        for c, (xcol, xlabel) in enumerate(xaxes):
             ax = axes[r, c]
             for name, h in histories.items():
-                if col in h.columns:
+                if col in h.columns and xcol in h.columns:
                     vals = h[col].astype(float)
                     ok = vals > 0
                     ax.plot(h[xcol][ok], vals[ok], label=str(name), lw=1.3)
             ax.set_yscale("log")
             if xcol == "iteration":
                 ax.set_xscale("log")  # first-order methods take many more (cheaper) iterations
+            elif xcol == "cases_processed":
+                ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1M: no offset text on the label
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("training " + ("loss" if col == "loss" else "error"))
+            ax.set_ylabel(ylabels[col])
             ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
+    head = title
+    if head is None:
+        what = ", ".join(x for x in (
+            network,
+            f"{data} training set" if data else None,
+            f"preset {preset!r}" if preset else None,
+        ) if x)
+        head = "Training curves" + (f": {what}" if what else "")
+    lines = [head, f"loss: {TRAINING_LOSS_DEFINITION}"]
+    if has_error:
+        lines.append(f"error: {err_short}" + (f" = {err_formula}" if err_formula else "")
+                     + ", on the whole training set every few iterations")
+    fig.suptitle("\n".join(lines), fontsize=10)
     df = pd.concat([h.assign(run=name) for name, h in histories.items()], ignore_index=True)
-    _attach(fig, df, figure="training_curves")
+    _attach(fig, df, figure="training_curves", error_definition=(err_short, err_formula) if has_error else None)
     return fig, df
+
+
+def training_comparison_labels(preset: str, data: str) -> dict:
+    """Keyword arguments of :func:`figure_training_curves` that name what
+    :func:`kfac_lens.zoo.training_comparison` trains: the deep autoencoder of ``preset`` (its layer
+    widths as that function picks them), the data and the Bernoulli likelihood (its error is the
+    squared reconstruction error per case)."""
+    from .zoo import AUTOENCODER_PRESETS
+
+    p = AUTOENCODER_PRESETS[preset]
+    sizes = [64, 48, 24, 8, 24, 48, 64] if data == "digits" else p["sizes"]  # as zoo.training_comparison
+    what = "8×8 digits" if data == "digits" else f"{str(data).upper()} ({p['n_train']} cases)"
+    return dict(network=f"autoencoder {'-'.join(str(v) for v in sizes)}", data=what, preset=preset,
+                likelihood="bernoulli")
 
 
 # ============================================================================ saving

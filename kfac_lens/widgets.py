@@ -479,7 +479,7 @@ class RescalingExplorer(_Explorer):
         self.image = _image()
         self.table = W.HTML()
         self.status = W.HTML()
-        self.fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        self.fig = Figure(figsize=(8.6, 4.2), layout="constrained")  # wide: draw_figure7's legend is outside
         self.ax = self.fig.add_subplot(1, 1, 1)
         self._cache: dict = {}
         self.data: pd.DataFrame | None = None

@@ -36,3 +36,38 @@ def test_cuda_request_without_cuda_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         cli.main(["figures", "--device", "cuda", "--fig", "5"])
+
+
+def test_figures_writes_one_metrics_table_per_figure(tmp_path, monkeypatch):
+    import numpy as np
+
+    it = np.arange(1, 31)
+
+    def fake_comparison(preset, data, **kw):  # the real one trains for minutes
+        h = pd.DataFrame({"iteration": it, "time": 0.1 * it, "loss": 1.0 / it, "batch_size": 100,
+                          "error": np.where(it % 10 == 0, 2.0 / it, np.nan), "lr": 0.01})
+        return {"SGD-Nesterov": h, "K-FAC block-tridiagonal": h.drop(columns="lr").assign(lr=np.nan)}
+
+    monkeypatch.setattr(zoo, "training_comparison", fake_comparison)
+    rc = cli.main(["figures", "--data", "digits", "--fig", "5", "inverse", "training", "--out", str(tmp_path),
+                   "--quiet"])
+    assert rc == 0
+    tables = {}
+    for name, figure_id in (("figure5", "5"), ("inverse", "inverse"), ("training", "training")):
+        path = tmp_path / "metrics" / f"{name}.csv"
+        assert path.stat().st_size > 100
+        df = pd.read_csv(path)
+        assert set(df["figure"].astype(str)) == {figure_id}
+        assert not df.isna().all().any(), f"{name}.csv has an all-empty column"
+        tables[figure_id] = df
+    assert "lr" in tables["training"].columns and "matrix" not in tables["5"].columns
+    assert "rel_error" not in tables["inverse"].columns  # only its own columns
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["figure5.csv", "inverse.csv", "training.csv"]
+    # metrics.csv is their concatenation
+    allm = pd.read_csv(tmp_path / "metrics.csv", low_memory=False)
+    assert len(allm) == sum(len(t) for t in tables.values())
+    for figure_id, t in tables.items():
+        part = allm[allm["figure"].astype(str) == figure_id].dropna(axis=1, how="all").reset_index(drop=True)
+        assert set(part.columns) == set(t.columns) and len(part) == len(t)
+        num = t.select_dtypes("number").columns
+        np.testing.assert_allclose(part[num].to_numpy(float), t[num].to_numpy(float), equal_nan=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 
 import matplotlib
 import numpy as np
@@ -138,7 +139,8 @@ def test_subset_shares_the_precomputation(net, study):
 # ------------------------------------------------------------ Figure 5
 def test_figure5(study):
     fig, df = kf.figure5(study)
-    assert isinstance(fig, Figure) and len(fig.axes) == 6
+    # 6 comparison panels + the zoom of |F̃ − F̂| + the text axes beside it (colourbars are insets)
+    assert isinstance(fig, Figure) and len(fig.axes) == 8 and len(fig.kfac_panels) == 6
     assert {
         "comparison",
         "block_row",
@@ -170,6 +172,29 @@ def test_figure5(study):
     # the paper's point: F̂ approximates the off-tridiagonal blocks well too (F̆ puts zeros there)
     assert hat[hat.kind == "off-tridiagonal"]["rel_error"].max() < 0.5
     assert (breve[breve.kind == "off-tridiagonal"]["rel_error"] == 1).all()
+
+
+def test_figure5_zoom_shows_the_off_tridiagonal_error_at_its_own_level(study):
+    fig, df = kf.figure5(study)
+    zoom = fig.kfac_zoom_panel
+    F_hat = study.tridiag_approximation(0.0)
+    D = study.F_tilde - F_hat
+    assert_abs_equal(zoom.image.get_array().data, D, tol=1e-12)
+    # its white level: the 99.5th percentile of the off-tridiagonal blocks (|i − j| ≥ 2) of |F̃ − F̂|
+    s = study.sizes
+    off = D[: s[0], s[0] + s[1]:]  # with three layers the only off-tridiagonal blocks: (W2, W4), (W4, W2)
+    zv = kf.shared_vmax([torch.cat([off.reshape(-1), off.T.reshape(-1)])])
+    assert df.attrs["zoom_vmax"] == pytest.approx(zv) and (df["zoom_vmax"] == df.attrs["zoom_vmax"]).all()
+    assert zoom.image.get_clim() == (0.0, df.attrs["zoom_vmax"])
+    # far finer than the shared level, at which the same panel is (nearly) all black
+    assert df.attrs["zoom_vmax"] < 0.5 * df.attrs["vmax"]
+    assert float(np.percentile(zoom.data[: s[0], s[0] + s[1]:], 50)) > 0.05 * df.attrs["zoom_vmax"]
+    assert kf._fmt(df.attrs["zoom_vmax"]) in zoom.ax.get_title()
+    assert kf._fmt(df.attrs["zoom_vmax"]) in fig._suptitle.get_text()
+    # the notes beside it quote F̂'s relative error on that block, from the DataFrame
+    hat = df[df.comparison.str.startswith("F̂") & (df.kind == "off-tridiagonal")]
+    notes = "".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert f"{hat['rel_error'].iloc[0]:.1%}" in notes
 
 
 def test_figure5_falls_back_to_a_tiny_gamma_when_singular():
@@ -233,6 +258,14 @@ def test_figure_inverse_structure(study):
     assert ((df["within_tridiagonal_mass"] >= 0) & (df["within_tridiagonal_mass"] <= 1)).all()
     inv = df.iloc[2]
     assert inv["tridiag_truncation_error"] < inv["blockdiag_truncation_error"]
+    # the title states what the numbers show, computed from them (not a fixed claim)
+    title = fig._suptitle.get_text()
+    assert "nearly block-tridiagonal" not in title
+    assert kf._pct(inv["diagonal_mass"]) in title
+    assert kf._pct(inv["neighbour_share_of_off_diagonal"]) in title
+    assert kf._pct(kf.neighbour_share_chance(study.sizes)) in title and "chance" in title
+    assert kf._pct(df.iloc[0]["neighbour_share_of_off_diagonal"]) in title
+    np.testing.assert_allclose(df["neighbour_share_chance"], 2 / 3)  # 3 equal blocks: 4 of 6 pairs
     assert_abs_equal(panel_data(fig)[1], study.F_tilde_inverse(0.01), tol=1e-10)
     assert all(np.isfinite(d).all() for d in panel_data(fig))
 
@@ -268,6 +301,150 @@ def test_figure_training_curves():
     assert len(fig.axes) == 4
     with pytest.raises(ValueError, match="time"):
         kf.figure_training_curves({"bad": h1.drop(columns="time")})
+
+
+def test_training_curves_have_a_cases_axis_and_define_the_error():
+    it = np.arange(1, 21)
+    h1 = pd.DataFrame({"iteration": it, "time": it * 0.1, "loss": 1.0 / it,
+                       "batch_size": np.minimum(10 * it, 100), "error": np.where(it % 5 == 0, 0.5 / it, np.nan)})
+    h2 = pd.DataFrame({"iteration": it, "time": it * 0.3, "loss": 2.0 / it, "batch_size": 50,
+                       "error": np.where(it % 10 == 0, 1.0 / it, np.nan)})
+    fig, df = kf.figure_training_curves({"kfac": h1, "sgd": h2}, network="autoencoder 64-8-64",
+                                        data="digits", preset="quick", likelihood="bernoulli")
+    assert len(fig.axes) == 6  # 2 rows (loss, error) × 3 columns (iteration, cases processed, time)
+    xlabels = [ax.get_xlabel() for ax in fig.axes]
+    assert sum("cases processed" in x for x in xlabels) == 2
+    cases_ax = next(ax for ax in fig.axes if "cases processed" in ax.get_xlabel())
+    # x = cumulative mini-batch sizes, counted over every iteration (not only the evaluated ones)
+    np.testing.assert_allclose(cases_ax.lines[0].get_xdata(), np.cumsum(h1["batch_size"]))
+    np.testing.assert_allclose(cases_ax.lines[1].get_xdata(), 50 * it)
+    err_cases_ax = [ax for ax in fig.axes if "cases processed" in ax.get_xlabel()][1]
+    ok = h1["error"].notna()
+    np.testing.assert_allclose(err_cases_ax.lines[0].get_xdata(), np.cumsum(h1["batch_size"])[ok])
+    np.testing.assert_allclose(err_cases_ax.lines[0].get_ydata(), h1["error"][ok])
+    assert "cases_processed" in df.columns
+    title = fig._suptitle.get_text()
+    for word in ("autoencoder 64-8-64", "digits", "quick", "loss:", "error:", "squared reconstruction error"):
+        assert word in title
+    assert any("squared reconstruction error" in ax.get_ylabel() for ax in fig.axes)
+    assert fig.kfac_lens["error_definition"][0] == "squared reconstruction error per case"
+    # the CLI's labels for the zoo comparison name the network, data and preset
+    kw = kf.training_comparison_labels("quick", "mnist")
+    assert kw["network"] == "autoencoder 784-250-100-30-100-250-784" and kw["likelihood"] == "bernoulli"
+    assert kw["preset"] == "quick" and "MNIST" in kw["data"]
+
+
+# ------------------------------------------------------------ Figure 7 display
+F7_VARIANTS = ("re-scaled, momentum", "re-scaled, no momentum", "raw Δ (no re-scaling)")
+
+
+def _figure7_frame():
+    gammas = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    imp = {
+        "re-scaled, momentum": [7e-4, 0.19, 0.15, 0.1, 0.05],
+        "re-scaled, no momentum": [6.5e-6, 0.11, 0.07, 0.04, 0.03],
+        "raw Δ (no re-scaling)": [-7.1e6, -52.6, -8.3, -0.63, 0.015],
+    }
+    return pd.DataFrame([{"gamma": g, "variant": v, "improvement": y}
+                         for v in F7_VARIANTS for g, y in zip(gammas, imp[v])])
+
+
+def _legend_outside(fig, ax):
+    fig.draw_without_rendering()
+    leg = ax.get_legend()
+    assert leg is not None
+    lb, ab = leg.get_window_extent(), ax.get_window_extent()
+    # no overlap with the axes' box: entirely right of, left of, above or below it
+    return lb.x0 >= ab.x1 or lb.x1 <= ab.x0 or lb.y0 >= ab.y1 or lb.y1 <= ab.y0
+
+
+def test_draw_figure7_plots_every_point_at_its_value_on_symlog():
+    df = _figure7_frame()
+    fig = Figure(figsize=(8.6, 4.6), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    lines = kf.draw_figure7(ax, df, chosen_gamma=1e-2)
+    assert ax.get_yscale() == "symlog" and ax.get_xscale() == "log"
+    # linthresh from the data: the smallest positive improvement of the re-scaled curves
+    assert ax.yaxis.get_transform().linthresh == pytest.approx(6.5e-6) == kf.figure7_linthresh(df)
+    for v in F7_VARIANTS:
+        d = df[df.variant == v].sort_values("gamma")
+        np.testing.assert_array_equal(lines[v].get_xdata(), d["gamma"].to_numpy())
+        np.testing.assert_array_equal(lines[v].get_ydata(), d["improvement"].to_numpy())  # nothing clipped
+    lo, hi = ax.get_ylim()
+    assert lo <= df["improvement"].min() and hi >= df["improvement"].max()  # every point inside the view
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert not any("below the axis" in t for t in labels)  # no clipping markers any more
+    assert sum("γ chosen by K-FAC" in t for t in labels) == 1
+    star = [ln for ln in ax.lines if ln.get_marker() == "*"]
+    assert len(star) == 1 and list(star[0].get_xdata()) == [1e-2]
+    assert all(ln.get_marker() != "v" for ln in ax.lines)
+    assert _legend_outside(fig, ax)
+
+
+def test_figure7_symlog_legend_outside_and_values_on_a_tiny_autoencoder():
+    from kfac_lens import zoo
+    from kfac_lens.optim import KFAC, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        X = digits(120)[0]
+        model = zoo.sparse_init_(zoo.autoencoder_net([64, 16, 4, 16, 64]), seed=0)
+        opt = KFAC(model, "bernoulli", "tridiag", seed=0)
+        train(model, opt, X, X, 4, batch_size=120, progress=False)
+        gammas = [1e-8, 1e-3, 1e-1, 10.0]  # float32 K-FAC refuses γ = 1e-8 (and even float64 does)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "nearly singular" at γ = 1e-3
+            fig, df = kf.figure7(opt, X, X, gammas)
+            _, df32 = kf.figure7(opt, X, X, gammas, dtype=None)
+    finally:
+        torch.set_num_threads(threads)
+    ax = fig.axes[0]
+    assert len(fig.axes) == 1 and ax.get_yscale() == "symlog"
+    for v in F7_VARIANTS:
+        d = df[df.variant == v].sort_values("gamma")
+        line = next(ln for ln in ax.lines if ln.get_label() == v)
+        np.testing.assert_array_equal(line.get_ydata(), d["improvement"].to_numpy())  # NaN where refused
+    assert _legend_outside(fig, ax)
+    # "auto": refused in float32, so the sweep ran in float64 on a copy; the title says so
+    assert set(df["dtype"]) == {"float64"} and "float64" in ax.get_title()
+    assert opt.view.dtype == torch.float32 and set(df32["dtype"]) == {"float32"}
+    ok = df["refused"].isna()
+    assert df.loc[ok, "improvement"].notna().all() and set(df.loc[~ok, "gamma"]) == {1e-8}
+    assert set(df32.loc[df32["refused"].notna(), "gamma"]) == {1e-8}
+    both = df.merge(df32, on=["gamma", "variant"], suffixes=("", "_32"))
+    both = both[both["gamma"] > 1e-8]
+    np.testing.assert_allclose(both["improvement"], both["improvement_32"], rtol=1e-3, atol=1e-5)
+    # a γ without a value is shown as a shaded band and named in the legend, not silently dropped
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("refuses" in t for t in labels)
+
+
+# ------------------------------------------------------------ colourbars and white levels
+@pytest.mark.parametrize("which", ["figure5", "figure6", "exact", "inverse", "cumulants"])
+def test_every_matrix_panel_has_a_colorbar_and_a_stated_white_level(net, study, which):
+    model, X, _y = net
+    fig, df = {
+        "figure5": lambda: kf.figure5(study),
+        "figure6": lambda: kf.figure6(study, 0.01),
+        "exact": lambda: kf.figure_exact_vs_kfac(study),
+        "inverse": lambda: kf.figure_inverse_structure(study, 0.01),
+        "cumulants": lambda: kf.figure_cumulants(model, X, "categorical", 1, 2),
+    }[which]()
+    panels = fig.kfac_matrix_panels
+    assert set(map(id, fig.kfac_panels)) <= set(map(id, panels))
+    # every image in the figure belongs to one of these panels
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert {id(im) for im in images} == {id(p.image) for p in panels}
+    suptitle = fig._suptitle.get_text()
+    for p in panels:
+        white = p.image.get_clim()[1]
+        assert p.colorbar is not None and p.colorbar.mappable is p.image
+        assert p.colorbar.vmin == 0.0 and p.colorbar.vmax == pytest.approx(white)
+        assert kf._fmt(white) in p.ax.get_title() or kf._fmt(white) in suptitle
+        # the colourbar sits right of its panel, outside it
+        fig.draw_without_rendering()
+        assert p.colorbar.ax.get_window_extent().x0 >= p.ax.get_window_extent().x1
 
 
 # ------------------------------------------------------------ helpers
