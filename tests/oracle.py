@@ -1,11 +1,11 @@
-"""An independent dense float64 oracle for the curvature core, written straight from MATH.md.
+"""An independent dense float64 oracle for the curvature core, written straight from the definitions in docs/math.md.
 
 It shares no code with ``kfac_lens``: it reads the weights of the ``nn.Linear`` modules directly and
 builds everything from definitions, with explicit loops, ``torch.autograd.functional`` Jacobians and
 Hessians, explicit ``torch.kron`` and explicit ``torch.linalg.inv``. It is slow on purpose and only meant
 for tiny networks (P up to a few hundred).
 
-Conventions (MATH.md §1): layers are 0-based indices of the model's ``nn.Linear`` modules;
+Conventions (docs/math.md §1): layers are 0-based indices of the model's ``nn.Linear`` modules;
 ``W_k = [weight, bias]`` (bias as last column, absent for ``bias=False``); ``vec(W) = W.T.reshape(-1)``
 so ``W[r, c]`` sits at offset ``c·d_out + r``; θ stacks the vec's of the selected layers.
 """
@@ -139,7 +139,7 @@ def loss(family: str, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def output_fisher(family: str, z: torch.Tensor) -> torch.Tensor:
-    """F_R(z) of one case (MATH.md §2 table)."""
+    """F_R(z) of one case (docs/math.md §2 table)."""
     C = z.shape[0]
     if family == "categorical":
         p = torch.softmax(z, dim=0)
@@ -252,7 +252,7 @@ def kfac_dense(A, G, layers) -> torch.Tensor:
 
 
 def damp(A, G, layers, gamma, pi="trace"):
-    """MATH.md §4: Ā_kk + π γ I and G_kk + (γ/π) I; cross factors unchanged."""
+    """docs/math.md §4: Ā_kk + π γ I and G_kk + (γ/π) I; cross factors unchanged."""
     A, G = dict(A), dict(G)
     pis = {}
     for k in layers:
@@ -285,7 +285,7 @@ def tridiag_parts(Ad, Gd, layers):
 
 
 def tridiag_inverse(Ad, Gd, layers) -> torch.Tensor:
-    """F̂⁻¹ = Ξᵀ Λ Ξ (MATH.md §5), Λ = diag(inv(Σ_{i|i+1}), …, inv(Σ_ℓ)), Ξ = I − Ψ on the super-diagonal."""
+    """F̂⁻¹ = Ξᵀ Λ Ξ (docs/math.md §5), Λ = diag(inv(Σ_{i|i+1}), …, inv(Σ_ℓ)), Ξ = I − Ψ on the super-diagonal."""
     psis, sigmas = tridiag_parts(Ad, Gd, layers)
     szs = [s.shape[0] for s in sigmas]
     offs = offsets(szs)
@@ -488,3 +488,67 @@ def restrict_blocks(M: torch.Tensor, szs, keep) -> torch.Tensor:
     o = offsets(szs)
     idx = torch.cat([torch.arange(o[i], o[i + 1]) for i in keep])
     return M[idx][:, idx]
+
+
+# ----------------------------------------------------------------------------------------- approximations of F
+def eigenbasis(M: torch.Tensor) -> torch.Tensor:
+    """Orthonormal eigenvectors of a symmetric matrix (columns)."""
+    return torch.linalg.eigh(0.5 * (M + M.T))[1]
+
+
+def ekfac_dense(F, A, G, layers, szs) -> torch.Tensor:
+    """EK-FAC (George et al. 2018), block-diagonal: for block k, Q = kron(U_A, U_G) from the eigenvectors of
+    Ā_kk and G_kk, and the scaling s = diag(Qᵀ F_kk Q) (the second moments of the projected per-case gradients,
+    E_x E_y[(Qᵀ∇θ_k L)²]); the block is Q diag(s) Qᵀ."""
+    blocks = []
+    for i, k in enumerate(layers):
+        Q = torch.kron(eigenbasis(A[k, k]), eigenbasis(G[k, k]))
+        s = torch.diag(Q.T @ block(F, szs, i, i) @ Q)
+        blocks.append(Q @ torch.diag(s) @ Q.T)
+    return torch.block_diag(*blocks)
+
+
+def ekfac_scaling_by_enumeration(model, X, family, k, A, G) -> torch.Tensor:
+    """EK-FAC's scaling of layer k straight from its definition: s_i = Σ_{n, y} w (q_iᵀ vec(g āᵀ))² over every
+    (case, target) with its probability (:func:`cumulant_rows`; categorical or bernoulli), q_i the columns of
+    kron(U_A, U_G). vec(g āᵀ) = kron(ā, g) in the column-major layout."""
+    w, a, g, _, _ = cumulant_rows(model, X, family, k, k)
+    Q = torch.kron(eigenbasis(A[k, k]), eigenbasis(G[k, k]))
+    grads = torch.stack([torch.kron(a[r], g[r]) for r in range(w.shape[0])])
+    return ((grads @ Q) ** 2 * w[:, None]).sum(0)
+
+
+def fisher_diagonal(F: torch.Tensor) -> torch.Tensor:
+    """diag(F) as a matrix."""
+    return torch.diag(torch.diag(F))
+
+
+def exact_block_diagonal(F: torch.Tensor, szs) -> torch.Tensor:
+    """The exact diagonal blocks F_kk, zero elsewhere."""
+    return torch.block_diag(*[block(F, szs, i, i) for i in range(len(szs))])
+
+
+def tridiag_approximation(A, G, layers) -> torch.Tensor:
+    """F̂ from its definition: the Gaussian chain equal to F̃ on the tridiagonal blocks, block (i, j>i) =
+    F̃_{i,i+1} pinv(F̃_{i+1,i+1}) F̃_{i+1,i+2} ⋯ F̃_{j−1,j}, from explicit Kronecker products."""
+    Ft = {(k, l): torch.kron(A[k, l], G[k, l]) for k in layers for l in layers}
+    n = len(layers)
+    B = {}
+    for i in range(n):
+        B[i, i] = Ft[layers[i], layers[i]]
+        for j in range(i + 1, n):
+            step = Ft[layers[j - 1], layers[j]]
+            B[i, j] = step if j == i + 1 else B[i, j - 1] @ torch.linalg.pinv(Ft[layers[j - 1], layers[j - 1]]) @ step
+            B[j, i] = B[i, j].T
+    return torch.cat([torch.cat([B[i, j] for j in range(n)], 1) for i in range(n)], 0)
+
+
+def loss_gradient(model, X, y, family, layers=None) -> torch.Tensor:
+    """∇h = mean over cases of the per-case gradients (oracle layout)."""
+    return label_gradients(model, X, y, family, layers).mean(0)
+
+
+def generalized_eigvals(F: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of M⁻¹F (F symmetric, M SPD), descending, as those of L⁻¹ F L⁻ᵀ with M = L Lᵀ."""
+    Li = torch.linalg.inv(torch.linalg.cholesky(0.5 * (M + M.T)))
+    return torch.linalg.eigvalsh(Li @ F @ Li.T).flip(0)

@@ -5,9 +5,23 @@ the model's own dtype), computes in it on a cast copy of the model when needed, 
 it; inputs and vectors of other dtypes are cast. Operators built from factors keep the factors' dtype.
 """
 
+from .approximations import (
+                     APPROXIMATIONS,
+                     Approximation,
+                     BlockDiagonalKronecker,
+                     BlockTridiagonalKronecker,
+                     CurvatureApproximation,
+                     DiagonalFisher,
+                     EigenvalueCorrectedKronecker,
+                     ExactBlockDiagonal,
+                     KroneckerFisher,
+                     approximation_operator,
+                     build_approximations,
+)
 from .compare import block_errors, direction_errors, error_by_kind
 from .cumulants import CumulantTerms, cumulant_terms
 from .damping import ExactTikhonovInverse, exact_tikhonov_inverse, trace_pi
+from .estimators import LanczosResult, RatioEstimate, conjugate_gradient, lanczos, relative_frobenius_errors
 from .factors import KroneckerFactors, kronecker_factors
 from .fisher import (
                      empirical_fisher,
@@ -26,17 +40,34 @@ from .inverses import (
                      block_tridiagonal_inverse,
                      make_inverse,
 )
+from .quality import compare_approximation_blocks, compare_approximations, loss_gradient
 
 __all__ = [
+                     "APPROXIMATIONS",
+                     "Approximation",
                      "BlockDiagonalInverse",
+                     "BlockDiagonalKronecker",
                      "BlockTridiagonalInverse",
+                     "BlockTridiagonalKronecker",
                      "CumulantTerms",
+                     "CurvatureApproximation",
+                     "DiagonalFisher",
+                     "EigenvalueCorrectedKronecker",
+                     "ExactBlockDiagonal",
                      "ExactTikhonovInverse",
                      "KroneckerFactors",
+                     "KroneckerFisher",
                      "KroneckerSumInverse",
+                     "LanczosResult",
+                     "RatioEstimate",
+                     "approximation_operator",
                      "block_diagonal_inverse",
                      "block_errors",
                      "block_tridiagonal_inverse",
+                     "build_approximations",
+                     "compare_approximation_blocks",
+                     "compare_approximations",
+                     "conjugate_gradient",
                      "cumulant_terms",
                      "direction_errors",
                      "empirical_fisher",
@@ -48,7 +79,10 @@ __all__ = [
                      "fisher_vector_product",
                      "jacobian_products",
                      "kronecker_factors",
+                     "lanczos",
+                     "loss_gradient",
                      "make_inverse",
                      "mc_fisher",
+                     "relative_frobenius_errors",
                      "trace_pi",
 ]
