@@ -2,7 +2,7 @@
 
 Martens & Grosse (2015), "Optimizing Neural Networks with Kronecker-factored Approximate Curvature".
 Layers are 0-based indices of a model's nn.Linear layers; dense matrices use the paper's layout
-(MATH.md §1): θ = [vec(W_1); …], W = [weight, bias], column-major vec.
+(docs/math.md §1): θ = [vec(W_1); …], W = [weight, bias], column-major vec.
 """
 
 from . import curvature
@@ -10,6 +10,7 @@ from .curvature import *  # noqa: F403 — the curvature API (see kfac_lens.curv
 from .errors import DenseTooLargeError, NonFiniteError, SingularFactorError, UnsupportedModelError
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from .nets import NetworkView, mats_to_vec, vec_to_mats
+from .optim import KFAC
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ __all__ = [
     "DenseTooLargeError", "NonFiniteError", "SingularFactorError", "UnsupportedModelError",
     "Bernoulli", "Categorical", "Gaussian", "Likelihood", "get_likelihood",
     "NetworkView", "mats_to_vec", "vec_to_mats",
+    "KFAC",
 ]

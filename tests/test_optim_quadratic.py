@@ -1,4 +1,4 @@
-"""K-FAC's quadratic model (MATH.md §7; Appendices E.4, F, J) against dense float64 computations.
+"""K-FAC's quadratic model (docs/math.md §7; Appendices E.4, F, J) against dense float64 computations.
 
 - the re-scaled update α*Δ and the momentum update α*Δ + μ*δ₀ minimise M over span{Δ, δ₀} with the
   exact mini-batch F, and M(δ*) = ½∇hᵀδ*;

@@ -1,4 +1,4 @@
-"""The adaptation rules and schedules (MATH.md §8; Appendices D, E.5, E.6, G, H, M), alone and inside KFAC."""
+"""The adaptation rules and schedules (docs/math.md §8; Appendices D, E.5, E.6, G, H, M), alone and inside KFAC."""
 
 from __future__ import annotations
 

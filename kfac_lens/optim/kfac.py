@@ -2,36 +2,43 @@
 
 One iteration on a mini-batch S′ of size m:
 
-1. forward/backward on S′ → h(θ) and ∇h (plus the ℓ2 term η θ);
-2. one extra backward pass with targets sampled from the model on a τ₁·m subset S₁ → new Ā, G
-   (diagonal and, for the tridiagonal inverse, neighbouring cross-layer blocks), kept as an EMA with
-   ε = min(1 − 1/k, 0.95) (Appendix D);
-3. candidates Γ = {γ, ω₂γ, γ/ω₂} every T₂ iterations, else {γ} (Appendix E.6);
-4. for each γ: the approximate inverse of the factored-Tikhonov-damped F̃ (refreshed when k ≡ 0 mod T₃
-   or k ≤ 3; Appendix G), Δ = −F̃⁻¹∇h (low-rank trick of Appendix G for block-diagonal layers wider than
-   the batch), and δ = αΔ + μδ₀ minimising M over span{Δ, δ₀} with the exact F on a τ₂·m subset S₂,
-   from J-products only (Appendices E.4, F, J);
-5. keep the δ (and γ) with the lowest M(δ); every T₁ iterations update λ by the Levenberg–Marquardt
-   rule on ρ = (h(θ+δ) − h(θ)) / M(δ) (Appendix E.5); θ ← θ + δ.
+1. forward/backward on S′ → h(θ) and ∇h (plus the ℓ2 term η θ), run as the chunks [S₁ | rest] so that
+   the extra backward pass with targets sampled from the model on the τ₁·m subset S₁ shares S₁'s forward
+   pass → new Ā, G (diagonal and, for the tridiagonal inverse, neighbouring cross-layer blocks), kept as an
+   EMA with ε = min(1 − 1/k, 0.95) (Appendix D; :mod:`.passes`);
+2. candidates Γ = {γ, ω₂γ, γ/ω₂} every T₂ iterations, else {γ} (Appendix E.6);
+3. for each γ: Δ = −F̃⁻¹∇h with the approximate inverse of the factored-Tikhonov-damped F̃ (refreshed when
+   k ≡ 0 mod T₃ or k ≤ 3; Appendix G; the block-diagonal γ search runs in the factors' eigenbasis,
+   :mod:`.proposals`), by Appendix G's low-rank form for block-diagonal layers wider than the batch;
+4. δ = αΔ + μδ₀ minimising M over span{Δ, δ₀} with the exact F on a τ₂·m subset S₂, from J-products of
+   the gradient pass's activations (Appendices E.4, F, J; :mod:`.fisher_products`);
+5. keep the δ (and γ) with the lowest M(δ); every T₁ iterations update λ by the Levenberg–Marquardt rule
+   on ρ = (h(θ+δ) − h(θ)) / M(δ) (Appendix E.5); θ ← θ + lr·δ (lr = 1: the paper's step).
+
+``KFAC`` is a :class:`torch.optim.Optimizer`: ``step(x, y)`` runs an iteration on (x, y), and ``step()``
+(or ``step(closure)``) one on the batch of the user's own forward, loss and backward pass (:mod:`.dropin`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..capture import check_inputs, forward, warn_if_link_applied_twice
-from ..curvature.factors import KroneckerFactors, compute_factors
-from ..curvature.fisher import fisher_gram
+from ..capture import check_inputs, warn_if_link_applied_twice
+from ..curvature.factors import KroneckerFactors
 from ..curvature.inverses import BlockDiagonalInverse, factor_eigs, make_inverse
-from ..errors import NonFiniteError
 from ..likelihoods import get_likelihood
 from ..nets import NetworkView
-from .quadratic import SubspaceModel, dot
-from .schedules import ema_decay, gamma_candidates, levenberg_marquardt, resolve
+from .dropin import BatchRecorder, recorded_pass, torch_loss
+from .fisher_products import fisher_gram_from_pass, linearisation_plan
+from .passes import GradientPass, checked_loss, gradient_pass, split_gradient_pass, subset_statistics
+from .proposals import eigenbasis_directions, factor_eigenbases, subspace_grams
+from .quadratic import SOLUTION_FIELDS, solve_subspaces
+from .schedules import ema_decay, gamma_candidates, levenberg_marquardt, resolve, validate_hyper_parameters
 
 INVERSE_PAIRS = {"blockdiag": "diag", "tridiag": "tridiag"}
 
@@ -58,12 +65,18 @@ def _default_omega2(T2: int) -> float:
     return math.sqrt(19 / 20) ** T2
 
 
-class KFAC:
+class KFAC(torch.optim.Optimizer):
     """K-FAC (Martens & Grosse 2015, Algorithm 2) for an ``nn.Sequential`` of Linear layers.
 
+    ``likelihood``: "categorical", "bernoulli", "gaussian", a :class:`~kfac_lens.Likelihood`, or the torch loss
+    module of your training loop (``nn.CrossEntropyLoss()``, ``nn.BCEWithLogitsLoss()``, ``nn.MSELoss()``,
+    reduction "mean"), which also enables ``step()`` after your own ``loss.backward()`` (:mod:`.dropin`).
     Parameters follow the paper's names; each may be a number or a callable of the 1-based step k.
 
     - ``inverse``: "blockdiag" (F̆⁻¹, Section 3.2) or "tridiag" (F̂⁻¹, Section 3.3).
+    - ``lr`` = 1: scales the final update, θ ← θ + lr·δ (``param_groups[0]["lr"]``, so torch's lr schedulers
+      apply). K-FAC already chooses the step length (α, μ of Appendices E.4, F); lr = 1 is the paper's step,
+      and 0 < lr < 2 keeps M(lr·δ) = lr(2 − lr)M(δ) < 0. ρ (E.5) uses M of the step taken.
     - ``lambda_init`` = 150 (E.5), ``eta`` = 1e-5 (ℓ2 strength; Section 7 autoencoders),
       ``gamma_init`` = √(λ+η) (E.6).
     - ``T1`` = 5 (λ rule period), ``T2`` = 20 (γ search period, a multiple of ``T3``), ``T3`` = 20
@@ -80,13 +93,17 @@ class KFAC:
     reproducible.
     """
 
-    def __init__(self, model, likelihood, inverse: str = "blockdiag", *, lambda_init=150.0, eta=1e-5,
+    VARIANTS = {"re-scaled, momentum": (True, True), "re-scaled, no momentum": (True, False),
+                "raw Δ (no re-scaling)": (False, False)}
+
+    def __init__(self, model, likelihood, inverse: str = "blockdiag", *, lr=1.0, lambda_init=150.0, eta=1e-5,
                  gamma_init=None, T1=5, T2=20, T3=20, omega1=None, omega2=None, tau1=1 / 8, tau2=1 / 4,
                  momentum=True, rescale=True, pi="trace", eps_max=0.95, low_rank=True,
                  adapt_gamma=True, adapt_lambda=True, curvature_estimator="mc", seed: int = 0):
         self.view = NetworkView(model)
         self.model = self.view.model
-        self.likelihood = get_likelihood(likelihood)
+        self.torch_loss = torch_loss(likelihood)
+        self.likelihood = get_likelihood(self.torch_loss.likelihood if self.torch_loss else likelihood)
         warn_if_link_applied_twice(self.view, self.likelihood)
         if inverse not in INVERSE_PAIRS:
             raise ValueError(f"inverse must be 'blockdiag' or 'tridiag', got {inverse!r}.")
@@ -97,6 +114,7 @@ class KFAC:
                              f"got {curvature_estimator!r}.")
         self.curvature_estimator = curvature_estimator
         self.layers = list(range(len(self.view)))
+        super().__init__([p for L in self.view.layers for p in L.module.parameters()], {"lr": lr})
         self.hp = dict(eta=eta, T1=T1, T2=T2, T3=T3, tau1=tau1, tau2=tau2, momentum=momentum,
                        rescale=rescale, pi=pi, eps_max=eps_max, low_rank=low_rank,
                        adapt_gamma=adapt_gamma, adapt_lambda=adapt_lambda,
@@ -118,31 +136,21 @@ class KFAC:
         self.delta0: list[torch.Tensor] | None = None
         self.generator = torch.Generator(device=self.view.device)
         self.generator.manual_seed(int(seed))
+        self._plan = linearisation_plan(self.view)
+        self.recorder = BatchRecorder(self.view, self.torch_loss) if self.torch_loss else None
 
     # ------------------------------------------------------------------ hyper-parameters
     def _h(self, name: str, k: int | None = None):
         return resolve(self.hp[name], self.k if k is None else k)
 
+    @property
+    def lr(self) -> float:
+        return float(self.param_groups[0]["lr"])
+
     def _validate(self, k: int) -> None:
-        T1, T2, T3 = (int(self._h(n, k)) for n in ("T1", "T2", "T3"))
-        if min(T1, T2, T3) < 1:
-            raise ValueError(f"T1, T2, T3 must be positive integers, got {T1}, {T2}, {T3}.")
-        if T2 % T3:
-            raise ValueError(f"T2 = {T2} must be a multiple of T3 = {T3} (Appendix E.6), so that the γ search "
-                             "happens on iterations where the inverse is recomputed.")
-        for n in ("tau1", "tau2"):
-            t = float(self._h(n, k))
-            if not 0 < t <= 1:
-                raise ValueError(f"{n} must lie in (0, 1], got {t}.")
-        for n in ("omega1", "omega2"):
-            w = float(self._h(n, k))
-            if not 0 < w < 1:
-                raise ValueError(f"{n} must lie in (0, 1), got {w}.")
-        if float(self._h("eta", k)) < 0:
-            raise ValueError("eta must be ≥ 0.")
-        pi = self._h("pi", k)
-        if not (pi == "trace" or (isinstance(pi, (int, float)) and not isinstance(pi, bool) and pi > 0)):
-            raise ValueError(f"pi must be 'trace' or a positive number, got {pi!r}.")
+        validate_hyper_parameters(lambda name: self._h(name, k))
+        if not 0 < self.lr < 2:
+            raise ValueError(f"lr must lie in (0, 2) (it scales K-FAC's step δ; 1 is the paper's), got {self.lr}.")
 
     # ------------------------------------------------------------------ pieces
     def _subset(self, m: int, tau: float) -> torch.Tensor:
@@ -157,33 +165,21 @@ class KFAC:
     def _objective(self, x, y, eta) -> float:
         """h(θ) = mean NLL + (η/2)‖θ‖² on (x, y)."""
         with torch.no_grad():
-            z = self.model(x)
-            h = float(self.likelihood.nll(z, y))
+            h = self.likelihood.nll(self.model(x), y).double()
             if eta:
-                h += 0.5 * eta * float(sum((W * W).sum() for W in self._params()))
-        return h
+                h = h + 0.5 * eta * sum((p * p).sum() for p in self.view.model.parameters()).double()
+        return float(h)
 
-    def _gradient(self, x, y, eta):
-        """Loss, ∇h as per-layer matrices, and the rank-m pieces (g columns, ā rows) of the data term."""
-        z, a, s = forward(self.view, x, self.layers)
-        y = self.likelihood.check_targets(z.detach(), y)
-        loss = self.likelihood.nll(z, y)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"the loss is {float(loss.detach())} at iteration {self.k}; training has diverged. Lower lambda's "
-                "decay (omega1 closer to 1), raise lambda_init or check the data. The last good checkpoint is kept."
-            )
-        gs = torch.autograd.grad(loss, [s[k] for k in self.layers])
-        data_grad = [g.T @ a[k] for g, k in zip(gs, self.layers)]
+    def _gradient_pass(self, x, y) -> tuple[GradientPass, list[torch.Tensor], list[torch.Tensor]]:
+        """The pass on all of (x, y) (for :meth:`propose` and :meth:`gamma_sweep`), ∇h and the weights."""
+        batch = gradient_pass(self.view, self.likelihood, x, y, self.layers)
+        checked_loss(float(batch.loss), self.k)
+        eta = float(self._h("eta"))
         params = self._params()
-        grad = [dg + eta * W for dg, W in zip(data_grad, params)] if eta else data_grad
-        pieces = [(g.T, a[k]) for g, k in zip(gs, self.layers)]
-        return float(loss.detach()), grad, pieces, params
+        grad = [dg + eta * W for dg, W in zip(batch.data_grad, params)] if eta else batch.data_grad
+        return batch, grad, params
 
-    def _update_factors(self, x, k: int) -> None:
-        S1 = self._subset(x.shape[0], float(self._h("tau1", k)))
-        new = compute_factors(self.view, x[S1], self.likelihood, self.layers, self.curvature_estimator, samples=1,
-                              generator=self.generator, pairs=INVERSE_PAIRS[self.inverse_kind], progress=False)
+    def _absorb(self, new: KroneckerFactors, k: int) -> None:
         if self.factors is None:
             self.factors = new
         else:
@@ -194,28 +190,29 @@ class KFAC:
                             pi=self._h("pi") if pi is None else pi, eigs=eigs)
 
     def _rebuild_inverse(self, factors: KroneckerFactors, gamma: float, pi, shared_eigs: bool):
-        """The live inverse again, by the path that built it: with the eigendecompositions shared by a γ
-        search (block-diagonal) or by Cholesky otherwise. The two agree only to rounding, so a resumed run
-        that took the other path would drift from the uninterrupted one."""
+        """The live inverse again, by the path that built it: by Cholesky, or (states saved by earlier
+        versions after a block-diagonal γ search) from the shared eigendecompositions. The two agree only to
+        rounding, so a resumed run that took the other path would drift from the uninterrupted one."""
         return self._build_inverse(gamma, factors, eigs=factor_eigs(factors) if shared_eigs else None, pi=pi)
 
     def _shared_eigs(self, n_gammas: int):
-        """For several block-diagonal inverses of the same factors (the γ search), one eigendecomposition of
-        each undamped factor serves every γ."""
+        """For several block-diagonal inverses of the same factors (:meth:`gamma_sweep`), one
+        eigendecomposition of each undamped factor serves every γ."""
         if self.inverse_kind == "blockdiag" and n_gammas > 1:
             return factor_eigs(self.factors)
         return None
 
-    def _proposal_direction(self, inv, grad, pieces, params, eta, m) -> list[torch.Tensor]:
+    def _proposal_direction(self, inv, grad, batch: GradientPass, params, eta, m) -> list[torch.Tensor]:
         """Δ = −F̃⁻¹∇h, using Appendix G's low-rank form where it is cheaper (block-diagonal only)."""
         if not isinstance(inv, BlockDiagonalInverse):
             return [-u for u in inv.apply(grad)]
         use_lr = bool(self._h("low_rank"))
         out = []
-        for i, (G, (gcols, arows), W) in enumerate(zip(grad, pieces, params)):
+        for i, (G, W) in enumerate(zip(grad, params)):
             d, D = G.shape
-            if use_lr and m * (d + D) < d * D:
-                u = inv.apply_low_rank(i, gcols, arows, 1.0)
+            pieces = batch.low_rank_pieces(i) if use_lr and m * (d + D) < d * D else None
+            if pieces is not None:
+                u = inv.apply_low_rank(i, *pieces, 1.0)
                 if eta:
                     u = u + inv.apply_block(i, eta * W)
             else:
@@ -223,89 +220,188 @@ class KFAC:
             out.append(-u)
         return out
 
-    def _grams(self, Delta, grad, x2, with_delta0: bool):
-        """The λ-independent pieces of M on span{Δ, δ₀}: [vᵀFv] (J-products on x2), [vᵀv] and [∇hᵀv]."""
-        vecs = [Delta, self.delta0] if (with_delta0 and self.delta0 is not None) else [Delta]
-        gram_F = fisher_gram(self.view, x2, self.likelihood, vecs, checked=True)
-        n = len(vecs)
-        gram_I = torch.empty(n, n, dtype=gram_F.dtype, device=gram_F.device)
-        b = torch.empty(n, dtype=gram_F.dtype, device=gram_F.device)
-        for i in range(n):
-            b[i] = dot(grad, vecs[i])
-            for j in range(i, n):
-                gram_I[i, j] = gram_I[j, i] = dot(vecs[i], vecs[j])
-        return gram_F, gram_I, b
+    def _refresh_directions(self, candidates, grad, batch, params, eta, m, pi):
+        """Δ for each γ candidate at an inverse refresh, and a function giving the live inverse of the chosen
+        one: the block-diagonal γ search in the factors' eigenbasis, in the model's dtype (no candidate forms
+        an inverse; only the winner's is built, by Cholesky), otherwise one inverse per candidate (Algorithm
+        2's loop over Γ)."""
+        if self.inverse_kind == "blockdiag" and len(candidates) > 1:
+            eigs = factor_eigenbases(self.factors)
+            Deltas = eigenbasis_directions(eigs, self.factors, grad, candidates, pi)
+            return Deltas, lambda c: self._build_inverse(candidates[c], pi=pi)
+        invs = [self._build_inverse(g, pi=pi) for g in candidates]
+        Deltas = [self._proposal_direction(inv, grad, batch, params, eta, m) for inv in invs]
+        return Deltas, lambda c: invs[c]
 
-    def _combine(self, Delta, grad, x2, lam, eta, gamma, rescale, momentum, grams=None) -> Proposal:
+    def _grams(self, Deltas, grad, batch: GradientPass, cases, with_delta0: bool):
+        """(gram_F, gram_I, b) of M on span{Δ_c, δ₀} for each candidate c (:func:`.proposals.subspace_grams`),
+        gram_F from one J-product pass over ``cases`` of the batch (None: all)."""
+        d0 = self.delta0 if with_delta0 else None
+        vectors = list(Deltas) + ([d0] if d0 is not None else [])
+        gram_F = fisher_gram_from_pass(self.view, self.likelihood, batch, cases, vectors, self._plan)
+        return subspace_grams(gram_F, Deltas, grad, d0)
+
+    def _combine(self, Delta, grad, source, lam, eta, gamma, rescale, momentum, grams=None,
+                 solution=None) -> Proposal:
         """δ from Δ: raw (α = 1), re-scaled (α*), or with momentum ((α*, μ*) jointly; Appendix F).
 
-        ``grams`` may pass :meth:`_grams` computed with δ₀ (they are then restricted to Δ as needed).
+        ``source`` = (gradient pass, cases) for the J-products; ``grams`` may pass :meth:`_grams` of Δ
+        computed with δ₀ (restricted to Δ as needed); ``solution`` a row of :func:`solve_subspaces` already
+        at hand (then nothing is computed but δ).
         """
-        damping = lam + eta
         use_mom = momentum and rescale and self.delta0 is not None
-        if grams is None:
-            grams = self._grams(Delta, grad, x2, use_mom)
-        gram_F, gram_I, b = grams
-        if not use_mom:
-            gram_F, gram_I, b = gram_F[:1, :1], gram_I[:1, :1], b[:1]
-        n = b.shape[0]
-        sub = SubspaceModel(gram_F, gram_I, b, damping)
-        if rescale:
-            c = sub.minimize()
-        else:
-            c = torch.ones(1, dtype=b.dtype, device=b.device)
-        alpha = float(c[0])
-        mu = float(c[1]) if n > 1 else 0.0
+        if solution is None:
+            if grams is None:
+                grams = self._grams([Delta], grad, *source, use_mom)
+            gram_F, gram_I, b = grams
+            if not use_mom:
+                gram_F, gram_I, b = gram_F[:, :1, :1], gram_I[:, :1, :1], b[:, :1]
+            solution = solve_subspaces(gram_F, gram_I, b, lam + eta, rescale)[0].tolist()
+        s = dict(zip(SOLUTION_FIELDS, solution))
+        if rescale and s["Q00"] <= 0:
+            raise ValueError(
+                f"the quadratic model has non-positive curvature ΔᵀFΔ + (λ+η)‖Δ‖² = {s['Q00']:.3g} "
+                "along the proposal; increase lambda or eta.")
+        alpha, mu = s["alpha"], (s["mu"] if use_mom else 0.0)
         delta = [alpha * D for D in Delta]
-        if n > 1:
+        if use_mom and mu != 0.0:
             delta = [d + mu * d0 for d, d0 in zip(delta, self.delta0)]
-        return Proposal(delta=delta, Delta=Delta, gamma=gamma, alpha=alpha, mu=mu, M=sub.value(c),
-                        extra={"dFd": float(gram_F[0, 0]), "gd": float(b[0])})
+        return Proposal(delta=delta, Delta=Delta, gamma=gamma, alpha=alpha, mu=mu, M=s["M"],
+                        extra={"dFd": s["dFd"], "gd": s["gd"], "quad": s["quad"], "lin": s["lin"]})
 
-    # ------------------------------------------------------------------ public API
-    def step(self, x, y) -> dict:
-        """One K-FAC iteration (Algorithm 2) on the mini-batch (x, y); returns its statistics."""
-        t0 = time.perf_counter()
-        k = self.k
-        self._validate(k)
-        x, y = check_inputs(self.view, x, y, what="the mini-batch x")
-        m = x.shape[0]
+    # ------------------------------------------------------------------ the iteration
+    def _iterate(self, x, y, run_pass, t0: float) -> dict:
+        """Algorithm 2's loop body; ``run_pass(S₁)`` gives the gradient pass and S₁'s factor statistics. A step
+        that fails (bad targets, non-finite loss) leaves the random stream where it was."""
+        rng = self.generator.get_state()
+        try:
+            return self._iteration(x, y, run_pass, t0)
+        except Exception:
+            self.generator.set_state(rng)
+            raise
+
+    def _iteration(self, x, y, run_pass, t0: float) -> dict:
+        k, m = self.k, x.shape[0]
         eta = float(self._h("eta"))
-        loss, grad, pieces, params = self._gradient(x, y, eta)
-        h0 = loss + (0.5 * eta * float(sum((W * W).sum() for W in params)) if eta else 0.0)
-        self._update_factors(x, k)
         T1, T2, T3 = int(self._h("T1")), int(self._h("T2")), int(self._h("T3"))
+        rescale, momentum, pi, lam = bool(self._h("rescale")), bool(self._h("momentum")), self._h("pi"), self.lam
+        S1 = self._subset(m, float(self._h("tau1")))
+        batch, new_factors = run_pass(S1)
+        S2 = self._subset(m, float(self._h("tau2")))
+        params = self._params()
+        grad = [dg + eta * W for dg, W in zip(batch.data_grad, params)] if eta else batch.data_grad
         refresh = (k % T3 == 0) or k <= 3
+        rebuild = refresh or self.inverse is None
         candidates = (gamma_candidates(self.gamma, float(self._h("omega2")))
                       if (k % T2 == 0 and self._h("adapt_gamma")) else [self.gamma])
-        S2 = self._subset(m, float(self._h("tau2")))
-        x2 = x[S2]
-        best, best_inv = None, None
-        pi = self._h("pi")
-        eigs = self._shared_eigs(len(candidates)) if (refresh or self.inverse is None) else None
-        for gamma in candidates:
-            inv = self._build_inverse(gamma, eigs=eigs, pi=pi) if (refresh or self.inverse is None) else self.inverse
-            Delta = self._proposal_direction(inv, grad, pieces, params, eta, m)
-            prop = self._combine(Delta, grad, x2, self.lam, eta, gamma, bool(self._h("rescale")),
-                                 bool(self._h("momentum")))
+        if rebuild:  # the factors change before the new inverse: refuse a non-finite loss first
+            checked_loss(float(batch.loss), k)
+            self._absorb(new_factors, k)
+            Deltas, live_inverse = self._refresh_directions(candidates, grad, batch, params, eta, m, pi)
+        else:
+            Deltas = [self._proposal_direction(self.inverse, grad, batch, params, eta, m)]
+        use_mom = momentum and rescale and self.delta0 is not None
+        solutions = solve_subspaces(*self._grams(Deltas, grad, batch, S2, use_mom), lam + eta, rescale)
+        l2 = 0.5 * eta * torch.stack([(W * W).sum() for W in params]).sum() if eta else batch.loss.new_zeros(())
+        host = torch.cat([torch.stack([batch.loss, l2]).double(), solutions.flatten()]).tolist()  # the one sync
+        loss = checked_loss(host[0], k)
+        h0 = loss + host[1] if eta else loss
+        if not rebuild:
+            self._absorb(new_factors, k)
+        width = len(SOLUTION_FIELDS)
+        best = best_c = None
+        for c, gamma in enumerate(candidates):
+            prop = self._combine(Deltas[c], grad, None, lam, eta, gamma, rescale, momentum,
+                                 solution=host[2 + width * c: 2 + width * (c + 1)])
             if best is None or prop.M < best.M:
-                best, best_inv = prop, inv
-        if refresh or self.inverse is None:
-            self.inverse = best_inv
-            self._inverse_source = (self.factors.clone(), best.gamma, pi, eigs is not None)
+                best, best_c = prop, c
+        if rebuild:
+            self.inverse = live_inverse(best_c)
+            self._inverse_source = (self.factors.clone(), best.gamma, pi, False)  # (built by Cholesky)
         self.gamma = best.gamma
-        # θ ← θ + δ, then the Levenberg–Marquardt rule on the same mini-batch (Appendix E.5).
-        self.view.add_to_weights(best.delta)
+        # θ ← θ + lr·δ, then the Levenberg–Marquardt rule on the same mini-batch (Appendix E.5).
+        lr = self.lr
+        step = best.delta if lr == 1.0 else [lr * d for d in best.delta]
+        self.view.add_to_weights(step)
+        M = best.M if lr == 1.0 else 0.5 * lr * lr * best.extra["quad"] + lr * best.extra["lin"]
         rho = float("nan")
         if k % T1 == 0 and self._h("adapt_lambda"):
             h1 = self._objective(x, y, eta)
-            rho = (h1 - h0) / best.M if best.M != 0 else float("nan")
+            rho = (h1 - h0) / M if M != 0 else float("nan")
             self.lam = levenberg_marquardt(self.lam, rho, float(self._h("omega1")))
-        self.delta0 = [d.detach().clone() for d in best.delta]
+        self.delta0 = [d.detach() for d in step]  # (fresh tensors: nothing else holds them)
         self.k += 1
         return {"iteration": k, "loss": loss, "objective": h0, "lambda": self.lam, "gamma": self.gamma,
-                "alpha": best.alpha, "mu": best.mu, "rho": rho, "M": best.M, "batch_size": m,
+                "alpha": best.alpha, "mu": best.mu, "rho": rho, "M": M, "batch_size": m,
                 "inverse_refreshed": refresh, "step_time": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ public API
+    def step(self, x=None, y=None, *, closure=None):
+        """One K-FAC iteration (Algorithm 2); returns its statistics.
+
+        - ``step(x, y)``: on the mini-batch (x, y); the optimizer runs the passes itself.
+        - ``step()``: on the batch of your own ``loss = loss_fn(model(x), y); loss.backward()``, where
+          ``loss_fn`` is the torch loss module given to KFAC; the gradient is read from ``.grad``.
+        - ``step(closure)``: calls ``closure()`` (which runs that forward, loss and backward pass), then
+          ``step()``, and returns the closure's loss like any torch optimizer.
+        """
+        if callable(x) and y is None and closure is None:
+            x, closure = None, x
+        if closure is not None:
+            if x is not None or y is not None:
+                raise ValueError("pass either (x, y) or a closure to step(), not both.")
+            with torch.enable_grad():
+                loss = closure()
+            self._dropin_step()
+            return loss
+        if x is None:
+            if y is not None:
+                raise ValueError("step(x, y) needs the inputs x as well as the targets y.")
+            return self._dropin_step()
+        t0 = time.perf_counter()
+        self._validate(self.k)
+        x, y = check_inputs(self.view, x, y, what="the mini-batch x")
+        pairs = INVERSE_PAIRS[self.inverse_kind]
+
+        def run_pass(S1):
+            return split_gradient_pass(self.view, self.likelihood, x, y, S1, self.layers, self.curvature_estimator,
+                                       self.generator, pairs)
+
+        with self._own_passes():
+            return self._iterate(x, y, run_pass, t0)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "param_groups", None):  # (torch.optim.Optimizer.__init__ adds the one group)
+            raise ValueError("K-FAC preconditions all Linear layers of the model together (one parameter group); "
+                             "it cannot take more parameters.")
+        super().add_param_group(param_group)
+
+    def _dropin_step(self) -> dict:
+        if self.recorder is None:
+            raise ValueError("step() without (x, y) reads the batch of your own forward, loss and backward pass; "
+                             "give KFAC the torch loss module your loop calls, e.g. KFAC(model, "
+                             "nn.CrossEntropyLoss()), or call step(x, y).")
+        t0 = time.perf_counter()
+        self._validate(self.k)
+        with self._own_passes():
+            batch = recorded_pass(self.recorder, self.likelihood)
+            pairs = INVERSE_PAIRS[self.inverse_kind]
+
+            def run_pass(S1):  # the gradient is the user's; S₁ gets a forward pass of its own
+                return batch, subset_statistics(self.view, self.likelihood, batch.x[S1], self.layers,
+                                                self.curvature_estimator, self.generator, pairs)
+
+            return self._iterate(batch.x, batch.y, run_pass, t0)
+
+    def _own_passes(self):
+        """The optimizer's own passes through the model are not the user's batch (drop-in recording)."""
+        return self.recorder.paused() if self.recorder is not None else contextlib.nullcontext()
+
+    def remove_hooks(self) -> None:
+        """Remove the drop-in forward hooks from the model and the loss module (``step(x, y)`` still works)."""
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
 
     @torch.no_grad()
     def _improvement(self, delta, x, y, eta, h0: float | None = None) -> float:
@@ -333,17 +429,15 @@ class KFAC:
         x, y = check_inputs(self.view, x, y, what="x")
         eta = float(self._h("eta"))
         lam = self.lam if lam is None else float(lam)
-        _, grad, pieces, params = self._gradient(x, y, eta)
-        g = self.gamma if gamma is None else float(gamma)
-        inv = self.inverse if (gamma is None and self.inverse is not None) else self._build_inverse(g)
-        Delta = self._proposal_direction(inv, grad, pieces, params, eta, x.shape[0])
-        prop = self._combine(Delta, grad, x, lam, eta, g, rescale, momentum)
-        ex, ey = (x, y) if eval_x is None else check_inputs(self.view, eval_x, eval_y, what="eval_x")
-        prop.improvement = self._improvement(prop.delta, ex, ey, eta)
+        with self._own_passes():
+            batch, grad, params = self._gradient_pass(x, y)
+            g = self.gamma if gamma is None else float(gamma)
+            inv = self.inverse if (gamma is None and self.inverse is not None) else self._build_inverse(g)
+            Delta = self._proposal_direction(inv, grad, batch, params, eta, x.shape[0])
+            prop = self._combine(Delta, grad, (batch, None), lam, eta, g, rescale, momentum)
+            ex, ey = (x, y) if eval_x is None else check_inputs(self.view, eval_x, eval_y, what="eval_x")
+            prop.improvement = self._improvement(prop.delta, ex, ey, eta)
         return prop
-
-    VARIANTS = {"re-scaled, momentum": (True, True), "re-scaled, no momentum": (True, False),
-                "raw Δ (no re-scaling)": (False, False)}
 
     def gamma_sweep(self, x, y, gammas, *, lam: float | None = None, variants=None, eval_x=None, eval_y=None,
                     progress: bool = False, cache: dict | None = None):
@@ -365,35 +459,36 @@ class KFAC:
         lam = self.lam if lam is None else float(lam)
         variants = self.VARIANTS if variants is None else {v: self.VARIANTS[v] for v in variants}
         cache = {} if cache is None else cache
-        if "grad" not in cache:
-            cache["grad"] = self._gradient(x, y, eta)[1:]
-        grad, pieces, params = cache["grad"]
-        if "h0" not in cache or eval_x is not None:
-            cache["h0"] = self._objective(ex, ey, eta)
-        h0 = cache["h0"]
         rows = []
-        for g in tqdm(list(gammas), desc="γ sweep", disable=not progress, leave=False):
-            key = ("Delta", float(g))
-            if key not in cache:
-                if "eigs" not in cache:
-                    cache["eigs"] = self._shared_eigs(len(gammas))
-                inv = self._build_inverse(float(g), eigs=cache["eigs"])
-                cache[key] = self._proposal_direction(inv, grad, pieces, params, eta, x.shape[0])
-            Delta = cache[key]
-            gkey = ("grams", float(g))
-            if gkey not in cache:
-                cache[gkey] = self._grams(Delta, grad, x, with_delta0=True)
-            for name, (rescale, momentum) in variants.items():
-                prop = self._combine(Delta, grad, x, lam, eta, float(g), rescale, momentum, grams=cache[gkey])
-                rows.append({"gamma": float(g), "variant": name,
-                             "improvement": self._improvement(prop.delta, ex, ey, eta, h0=h0),
-                             "M": prop.M, "alpha": prop.alpha, "mu": prop.mu})
+        with self._own_passes():
+            if "pass" not in cache:
+                cache["pass"] = self._gradient_pass(x, y)
+            batch, grad, params = cache["pass"]
+            if "h0" not in cache or eval_x is not None:
+                cache["h0"] = self._objective(ex, ey, eta)
+            h0 = cache["h0"]
+            for g in tqdm(list(gammas), desc="γ sweep", disable=not progress, leave=False):
+                key = ("Delta", float(g))
+                if key not in cache:
+                    if "eigs" not in cache:
+                        cache["eigs"] = self._shared_eigs(len(gammas))
+                    inv = self._build_inverse(float(g), eigs=cache["eigs"])
+                    cache[key] = self._proposal_direction(inv, grad, batch, params, eta, x.shape[0])
+                Delta = cache[key]
+                gkey = ("grams", float(g))
+                if gkey not in cache:
+                    cache[gkey] = self._grams([Delta], grad, batch, None, with_delta0=True)
+                for name, (rescale, momentum) in variants.items():
+                    prop = self._combine(Delta, grad, None, lam, eta, float(g), rescale, momentum, grams=cache[gkey])
+                    rows.append({"gamma": float(g), "variant": name,
+                                 "improvement": self._improvement(prop.delta, ex, ey, eta, h0=h0),
+                                 "M": prop.M, "alpha": prop.alpha, "mu": prop.mu})
         return pd.DataFrame(rows)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: factors, the inverse's source (factors, γ, π and
-        whether a γ search's shared eigendecomposition built it), λ, γ, δ₀, k, RNG."""
+        whether a γ search's shared eigendecomposition built it), λ, γ, δ₀, k, RNG, lr (param_groups)."""
         src = None
         if self._inverse_source is not None:
             f, g, pi, shared = self._inverse_source
@@ -403,7 +498,8 @@ class KFAC:
                 "factors": None if self.factors is None else self.factors.clone().state_dict(),
                 "inverse_source": src,
                 "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("inverse_kind") != self.inverse_kind:
@@ -425,7 +521,14 @@ class KFAC:
             self._inverse_source = (f, g, pi, shared)
             self.inverse = self._rebuild_inverse(f, g, pi, shared)
         self.generator.set_state(sd["generator"].cpu() if hasattr(sd["generator"], "cpu") else sd["generator"])
+        for group, saved in zip(self.param_groups, sd.get("param_groups", [])):  # (older states: lr = 1)
+            group.update(saved)
+
+    def __getstate__(self) -> dict:  # torch.optim.Optimizer's keeps only defaults, state and param_groups
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return f"KFAC(inverse={self.inverse_kind!r}, k={self.k}, λ={self.lam:.4g}, γ={self.gamma:.4g})"
-
+        return f"KFAC(inverse={self.inverse_kind!r}, k={self.k}, λ={self.lam:.4g}, γ={self.gamma:.4g}, lr={self.lr:g})"

@@ -1,4 +1,4 @@
-"""The quadratic model M(δ) and its minimisation over span{Δ, δ₀} (Appendices E.4, F; MATH.md §7).
+"""The quadratic model M(δ) and its minimisation over span{Δ, δ₀} (Appendices E.4, F; docs/math.md §7).
 
 ``M(δ) = ½ δᵀ(F + (λ+η)I)δ + ∇hᵀδ`` with the mini-batch exact F. For ``δ = Σ_i c_i v_i``:
 ``M = ½ cᵀ Q c + bᵀ c`` with ``Q_ij = v_iᵀ F v_j + (λ+η) v_iᵀ v_j`` and ``b_i = ∇hᵀ v_i``.
@@ -58,3 +58,48 @@ class SubspaceModel:
 def alpha_star(dFd: float, dd: float, gd: float, damping: float) -> float:
     """Appendix E.4: α* = −∇hᵀΔ / (ΔᵀFΔ + (λ+η)‖Δ‖²)."""
     return -gd / (dFd + damping * dd)
+
+
+# Columns of :func:`solve_subspaces`' result.
+SOLUTION_FIELDS = ("alpha", "mu", "M", "Q00", "quad", "lin", "dFd", "gd")
+
+
+def solve_subspaces(gram_F: torch.Tensor, gram_I: torch.Tensor, b: torch.Tensor, damping: float,
+                    rescale: bool) -> torch.Tensor:
+    """:meth:`SubspaceModel.minimize` for K models at once, on the device and without host syncs.
+
+    ``gram_F``, ``gram_I``: (K, n, n), ``b``: (K, n), n = 1 (Δ) or 2 (Δ, δ₀). Returns (K, 8) in float64
+    with the columns :data:`SOLUTION_FIELDS`: c = (α, μ) (μ = 0 for n = 1; α = 1, μ = 0 without re-scaling),
+    M(δ) = ½cᵀQc + bᵀc, Q₀₀ (the caller refuses Q₀₀ ≤ 0 when re-scaling), cᵀQc, bᵀc, ΔᵀFΔ and ∇hᵀΔ.
+    As in :meth:`SubspaceModel.minimize`, δ₀ is dropped (μ = 0) where the 2×2 model is singular or
+    ill-conditioned (smallest eigenvalue of the diagonally scaled Q below 1e-10) or δ₀ = 0.
+    """
+    gram_F, gram_I, b = gram_F.double(), gram_I.double(), b.double()
+    Q = gram_F + damping * gram_I
+    K, n = b.shape
+    c = torch.zeros(K, 2, dtype=torch.float64, device=b.device)
+    if not rescale:
+        c[:, 0] = 1.0
+    else:
+        alpha_only = -b[:, 0] / Q[:, 0, 0]
+        if n == 1:
+            c[:, 0] = alpha_only
+        else:
+            d = torch.diagonal(Q, dim1=1, dim2=2)
+            scale = torch.sqrt(torch.clamp(d, min=1e-300))
+            Qn = Q / scale[:, :, None] / scale[:, None, :]
+            finite = torch.isfinite(Qn).all(dim=2).all(dim=1)
+            Qn = torch.where(finite[:, None, None], Qn, torch.eye(2, dtype=Qn.dtype, device=Qn.device))
+            # smallest eigenvalue of the symmetric 2×2 Qn
+            tr, gap = Qn[:, 0, 0] + Qn[:, 1, 1], Qn[:, 0, 0] - Qn[:, 1, 1]
+            low = 0.5 * (tr - torch.sqrt(gap * gap + 4 * Qn[:, 0, 1] * Qn[:, 1, 0]))
+            zero_d0 = torch.diagonal(gram_I, dim1=1, dim2=2).amin(dim=1) == 0
+            drop = ~finite | (low < 1e-10) | zero_d0
+            both = -torch.linalg.solve_ex(Q, b[:, :, None])[0][:, :, 0]
+            c[:, 0] = torch.where(drop, alpha_only, both[:, 0])
+            c[:, 1] = torch.where(drop, torch.zeros_like(alpha_only), both[:, 1])
+    cn = c[:, :n]
+    quad = (cn[:, :, None] * Q * cn[:, None, :]).sum(dim=(1, 2))
+    lin = (b * cn).sum(dim=1)
+    M = 0.5 * quad + lin
+    return torch.stack([c[:, 0], c[:, 1], M, Q[:, 0, 0], quad, lin, gram_F[:, 0, 0], b[:, 0]], dim=1)

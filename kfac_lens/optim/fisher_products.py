@@ -1,0 +1,91 @@
+"""Appendix J on the subset S₂ from the gradient pass: ``J v`` for several v, and the Gram matrix ``[vᵢᵀ F vⱼ]``.
+
+``J v`` is the linearised forward pass ``ṡ_k = W_k ȧ_k + V_k ā_k``, ``ȧ_{k+1} = φ'(s_k) ⊙ ṡ_k``. Its primal
+quantities (ā_k and φ'(s_k)) are those of the gradient pass, so the network is not run again: for the
+elementwise activations (Sigmoid, Tanh, ReLU, Identity) φ' is read off the next layer's input. Any other
+module between the layers falls back to :func:`kfac_lens.jacobian_products`, which runs the primal pass.
+All tangents share one pass (batched), and everything runs in the model's dtype; the Gram sums are
+accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..curvature.fisher import jacobian_products
+from ..likelihoods import Likelihood
+from ..nets import NetworkView
+from .passes import GradientPass
+
+# φ'(s) as a function of φ(s), for the activations whose derivative the output determines.
+DERIVATIVE_FROM_OUTPUT: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.Sigmoid: lambda out: out * (1 - out),
+    nn.Tanh: lambda out: 1 - out * out,
+    nn.ReLU: lambda out: (out > 0).to(out.dtype),
+}
+
+
+def linearisation_plan(view: NetworkView) -> list | None:
+    """For each layer k, φ' of the modules that follow it (None: the identity), or None for the whole plan
+    when some module between the layers is not one activation of :data:`DERIVATIVE_FROM_OUTPUT` (plus
+    Identity modules). Modules before the first layer do not depend on θ and may be anything."""
+    positions = {id(L.module): L.index for L in view.layers}
+    plan: list = [None] * len(view.layers)
+    current = None
+    for mod in view.sequence:
+        if id(mod) in positions:
+            current = positions[id(mod)]
+            continue
+        if current is None or type(mod) is nn.Identity:
+            continue
+        fn = DERIVATIVE_FROM_OUTPUT.get(type(mod))
+        if fn is None or plan[current] is not None:
+            return None
+        plan[current] = fn
+    return plan
+
+
+def jacobian_vector_products(view: NetworkView, batch: GradientPass, cases: torch.Tensor | None,
+                             vectors: Sequence[Sequence[torch.Tensor]], plan: list | None):
+    """(z, Jv) on the given cases (None: all), Jv of shape (T, n, C) for T per-layer-matrix vectors."""
+    if plan is None:
+        x = batch.x if cases is None else batch.x[cases]
+        z, Jvs = jacobian_products(view, x, list(vectors), dtype=None, checked=True)
+        return z, torch.stack(Jvs)
+    T = len(vectors)
+    last = len(view.layers) - 1
+    z = batch.output(cases)
+    da = None
+    with torch.no_grad():
+        a = batch.layer_input(0, cases)
+        for L in view.layers:
+            k = L.index
+            n = a.shape[0]
+            ds = torch.empty(T, n, L.d_out, dtype=a.dtype, device=a.device)
+            for t, V in enumerate(v[k] for v in vectors):
+                if a.shape[1] == L.a_dim:  # ā already carries the homogeneous 1
+                    torch.matmul(a, V.T, out=ds[t])
+                else:
+                    torch.addmm(V[:, -1], a, V[:, :-1].T, out=ds[t])
+            if da is not None:
+                ds.view(T * n, L.d_out).addmm_(da.reshape(T * n, L.d_in), L.module.weight.detach().T)
+            a = batch.layer_input(k + 1, cases) if k < last else None
+            if plan[k] is not None:  # φ'(s_k) from φ(s_k): the next layer's input, or z
+                out = z if k == last else a[:, :view.layers[k + 1].d_in]
+                ds.mul_(plan[k](out)[None])
+            da = ds
+    return z, da
+
+
+def fisher_gram_from_pass(view: NetworkView, likelihood: Likelihood, batch: GradientPass,
+                          cases: torch.Tensor | None, vectors: Sequence[Sequence[torch.Tensor]],
+                          plan: list | None) -> torch.Tensor:
+    """``[vᵢᵀ F vⱼ]`` (float64, T×T) of the exact Fisher on the given cases: ``(Jvᵢ)ᵀ F_R (Jvⱼ)`` averaged."""
+    z, Jv = jacobian_vector_products(view, batch, cases, vectors, plan)
+    T, n = Jv.shape[0], Jv.shape[1]
+    FJ = torch.stack([likelihood.fisher_vp(z, Jv[t]) for t in range(T)])
+    G = (Jv.reshape(T, -1).double() @ FJ.reshape(T, -1).double().T) / n
+    return torch.triu(G) + torch.triu(G, 1).T  # symmetric by construction
