@@ -236,7 +236,7 @@ def format_table(df: pd.DataFrame, title: str, notes: Sequence[str] = ()) -> str
 # 2. Benchmark "fisher": exact_fisher vs a per-case Jacobian baseline vs one GEMM
 # ================================================================================================
 
-FISHER_WIDTHS = (256, 20, 20, 20, 20, 20, 10)   # the paper's example network (MATH.md §9)
+FISHER_WIDTHS = (256, 20, 20, 20, 20, 20, 10)   # the paper's example network (docs/math.md §9)
 FISHER_LAYERS = (1, 2, 3, 4)                     # its middle 4 layers: W_2..W_5, P = 1680
 FISHER_SIZES = (2000, 10000)
 FISHER_QUICK_SIZES = (200,)

@@ -1,7 +1,7 @@
 """The paper's figures, one function per figure, each returning ``(Figure, DataFrame)``.
 
 Martens & Grosse (2015), Appendix C (Figures 5 and 6) and companions of the main text's Figures 2
-and 3; MATH.md §9 fixes the display convention, which every matrix panel here follows:
+and 3; docs/math.md §9 fixes the display convention, which every matrix panel here follows:
 
 - **absolute values** of the entries, drawn with ``imshow`` in the ``"gray"`` colormap (0 is black,
   large is white), ``vmin = 0`` and one ``vmax`` shared by every matrix panel of a figure;
@@ -23,7 +23,7 @@ and 3; MATH.md §9 fixes the display convention, which every matrix panel here f
 - **block boundaries** as thin coloured lines at the layer-block edges, with ticks at the edges and
   each block labelled by its layer in the paper's 1-based naming (0-based layer k is ``W{k+1}``, so
   the example network's middle layers ``[1, 2, 3, 4]`` are W2..W5);
-- the paper's parameter layout (MATH.md §1) for every matrix.
+- the paper's parameter layout (docs/math.md §1) for every matrix.
 
 All figures use the object-oriented API (``matplotlib.figure.Figure``), never pyplot, so they work
 under Agg, in notebooks and inside widgets (:mod:`kfac_lens.widgets`) without touching global state.
@@ -491,7 +491,7 @@ class CurvatureStudy:
         self._F_eig = None
 
     def _gradient(self) -> torch.Tensor:
-        """∇h = ∇θ (1/N) Σ_n L(y_n, f(x_n, θ)) of the selected layers, paper layout (MATH.md §1)."""
+        """∇h = ∇θ (1/N) Σ_n L(y_n, f(x_n, θ)) of the selected layers, paper layout (docs/math.md §1)."""
         mods = [self.view.layers[k].module for k in self.layers]
         params = []
         for m in mods:
@@ -584,7 +584,7 @@ class CurvatureStudy:
         return slot[key]
 
     def damped_factors(self, gamma: float) -> KroneckerFactors:
-        """Factors with factored Tikhonov damping γ on the diagonal factors (MATH.md §4)."""
+        """Factors with factored Tikhonov damping γ on the diagonal factors (docs/math.md §4)."""
         return self._memo(gamma, "damped_factors", lambda: self.factors.damped(gamma, self.pi))
 
     def F_tilde_damped(self, gamma: float) -> torch.Tensor:
@@ -950,7 +950,7 @@ def figure6(study: CurvatureStudy, gamma: float, *, vmax: float | None = None):
 
     All three inverses use factored Tikhonov damping with strength ``gamma`` (Appendices E.3, E.6; the
     paper used the γ that K-FAC held at that iteration). **F̃⁻¹ here is the inverse of the damped F̃**
-    (MATH.md §4: the diagonal factors Ā_kk + πγI, G_kk + (γ/π)I, cross factors undamped), the matrix
+    (docs/math.md §4: the diagonal factors Ā_kk + πγI, G_kk + (γ/π)I, cross factors undamped), the matrix
     whose tridiagonal blocks F̂ reproduces; F̆⁻¹ and F̂⁻¹ are built from the same damped factors.
 
     DataFrame: relative Frobenius errors of F̆⁻¹ and F̂⁻¹ against F̃⁻¹, overall and per block kind
@@ -1367,7 +1367,7 @@ def figure_cumulants(
     vmax: float | None = None,
     **kw,
 ):
-    """Block (k, l) of F − F̃ beside each Appendix B term and the residual (MATH.md §6).
+    """Block (k, l) of F − F̃ beside each Appendix B term and the residual (docs/math.md §6).
 
     Panels: ``F − F̃`` | ``κ(ā₁,g₁,ā₂,g₂)`` | ``κ(ā₁)κ(ā₂,g₁,g₂)`` | ``κ(ā₂)κ(ā₁,g₁,g₂)`` | residual,
     absolute values, shared white level; rows are (ā_k index, g_k index) = ``k1·d_k + k2`` as in the

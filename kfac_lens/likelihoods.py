@@ -1,4 +1,4 @@
-"""Predictive distributions r(y|z) and their output Fisher F_R (MATH.md §2).
+"""Predictive distributions r(y|z) and their output Fisher F_R (docs/math.md §2).
 
 Each likelihood provides the per-case loss ``L(y, z) = −log r(y|z)``, its gradient in z, sampling
 ``y ∼ r(y|z)``, the product ``F_R v`` and one square root ``F_R = Σ_c q_c q_cᵀ`` (used for the exact

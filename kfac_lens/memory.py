@@ -1,4 +1,4 @@
-"""Memory estimates made before allocating a dense P×P matrix (DESIGN.md, "Memory")."""
+"""Memory estimates made before allocating a dense P×P matrix: a request that cannot fit is refused before any work."""
 
 from __future__ import annotations
 

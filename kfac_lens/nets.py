@@ -1,4 +1,4 @@
-"""The layered view of an ``nn.Sequential`` and the paper's parameter layout (MATH.md §1).
+"""The layered view of an ``nn.Sequential`` and the paper's parameter layout (docs/math.md §1).
 
 A network is read as Linear layers k = 0..ℓ−1 (0-based; the paper's layer i is k = i−1) with
 parameter-free modules between them. Layer k computes ``s_k = W_k ā_k`` where ā_k is its input with a
@@ -73,7 +73,7 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
 
 
 class NetworkView:
-    """Read an ``nn.Sequential`` as the paper's chain of layers (MATH.md §1).
+    """Read an ``nn.Sequential`` as the paper's chain of layers (docs/math.md §1).
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for anything else, naming the module.
     """
@@ -290,7 +290,7 @@ def _linear_to_matrix(mod: nn.Linear, get) -> torch.Tensor:
 
 
 def mats_to_vec(mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[W_k] → θ: stack ``vec(W_k)`` column-major (MATH.md §1). Leading batch dims are kept."""
+    """[W_k] → θ: stack ``vec(W_k)`` column-major (docs/math.md §1). Leading batch dims are kept."""
     parts = [W.transpose(-1, -2).reshape(*W.shape[:-2], -1) for W in mats]
     return torch.cat(parts, dim=-1)
 

@@ -1,4 +1,4 @@
-"""Recipes that train, and cache by config hash, the networks the figures examine (Sections 3, 7; MATH.md §9).
+"""Recipes that train, and cache by config hash, the networks the figures examine (Sections 3, 7; docs/math.md §9).
 
 Each entry records its training history and the K-FAC optimizer state at the moment of capture, since
 Figures 6 and 7 need the γ, λ and δ₀ K-FAC held at that iteration.

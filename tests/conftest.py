@@ -27,7 +27,7 @@ def single_thread():
 
 @pytest.fixture
 def agg_backend():
-    """Use matplotlib's Agg inside a test and restore whatever backend was active (ECOSYSTEM.md)."""
+    """Use matplotlib's Agg in a test, then restore the previous backend (docs/testing.md, "Matplotlib backend")."""
     import matplotlib
 
     old = matplotlib.get_backend()

@@ -1,4 +1,4 @@
-"""A real browser drives the DampingExplorer served by Voila (ECOSYSTEM.md, "Testing in a real browser").
+"""A real browser drives the DampingExplorer served by Voila (docs/testing.md, "Browser").
 
 One Voila server per session serves a scratch copy of ``tests/browser/damping_explorer.ipynb`` on
 127.0.0.1. Debian's Chromium (``/usr/bin/chromium``, never a Playwright download) opens the page, the

@@ -1,4 +1,4 @@
-"""Appendix B (MATH.md §6): F − F̃ as joint cumulants, against the oracle's partition sums."""
+"""Appendix B (docs/math.md §6): F − F̃ as joint cumulants, against the oracle's partition sums."""
 
 from __future__ import annotations
 

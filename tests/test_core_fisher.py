@@ -1,4 +1,4 @@
-"""The Fisher (MATH.md §2): exact, Monte-Carlo, empirical, and the matrix-free products, against the oracle."""
+"""The Fisher (docs/math.md §2): exact, Monte-Carlo, empirical, and the matrix-free products, against the oracle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The parameter layout of MATH.md §1: W = [weight, bias], θ = [vec(W_1); …] column-major."""
+"""The parameter layout of docs/math.md §1: W = [weight, bias], θ = [vec(W_1); …] column-major."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for kfac_lens.widgets, driving the callbacks programmatically (no browser; ECOSYSTEM.md)."""
+"""Tests for kfac_lens.widgets, driving the callbacks programmatically (no browser; docs/testing.md, "Widgets")."""
 
 from __future__ import annotations
 

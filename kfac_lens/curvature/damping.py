@@ -1,4 +1,4 @@
-"""Damping (Appendix E.3, E.6; MATH.md §4): factored Tikhonov's π and the exact-Tikhonov block inverse."""
+"""Damping (Appendix E.3, E.6; docs/math.md §4): factored Tikhonov's π and the exact-Tikhonov block inverse."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Kronecker factors Ā and G, including cross-layer ones, and F̃ (MATH.md §3, Section 3 and Appendix D).
+"""Kronecker factors Ā and G, including cross-layer ones, and F̃ (docs/math.md §3, Section 3 and Appendix D).
 
 Conventions (0-based Linear-layer indices k, l):
 

@@ -1,6 +1,6 @@
-"""The Fisher: exact, Monte-Carlo and empirical, dense or as products (MATH.md §2, Appendix J).
+"""The Fisher: exact, Monte-Carlo and empirical, dense or as products (docs/math.md §2, Appendix J).
 
-Dense matrices use the paper layout (MATH.md §1). They are assembled per block pair (i, j) from
+Dense matrices use the paper layout (docs/math.md §1). They are assembled per block pair (i, j) from
 the capture without ever forming per-(case, direction) gradient rows: for one case
 ``Σ_r w vec(g_r ā_iᵀ) vec(g_r ā_jᵀ)ᵀ = (ā_i ā_jᵀ) ⊗ M`` with ``M = w Σ_r g_{r,i} g_{r,j}ᵀ``, so a block is
 one GEMM over cases of the flattened ``ā_i ā_jᵀ`` against the flattened ``M`` — R times fewer
@@ -94,7 +94,7 @@ def fisher(model, X, likelihood: str | Likelihood, estimator: str = "exact", y=N
 
 
 def exact_fisher(model, X, likelihood, layers=None, dtype=torch.float64, **kw) -> torch.Tensor:
-    """The exact Fisher ``F = (1/N) Σ_n J_nᵀ F_R(z_n) J_n`` (= the GGN), expectation over y exact (MATH.md §2)."""
+    """The exact Fisher ``F = (1/N) Σ_n J_nᵀ F_R(z_n) J_n`` (= the GGN), expectation over y exact (docs/math.md §2)."""
     return fisher(model, X, likelihood, "exact", layers=layers, dtype=dtype, **kw)
 
 

@@ -1,4 +1,4 @@
-"""The two approximate inverses of F̃ (Sections 3.2, 3.3; MATH.md §5) and the Appendix I solver.
+"""The two approximate inverses of F̃ (Sections 3.2, 3.3; docs/math.md §5) and the Appendix I solver.
 
 - :class:`BlockDiagonalInverse` — F̆⁻¹: ``U_k = G_kk⁻¹ V_k Ā_kk⁻¹`` with damped diagonal factors.
 - :class:`BlockTridiagonalInverse` — F̂⁻¹ = Ξᵀ Λ Ξ, where F̂ agrees with the damped F̃ on the

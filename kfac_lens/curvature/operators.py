@@ -1,7 +1,7 @@
 """Structured curvature operators: apply to per-layer matrices or flat θ-vectors, and export dense.
 
 Per-layer matrices have shape ``(..., d_out, a_dim)`` (leading batch dims allowed); flat vectors use
-the paper layout of MATH.md §1 restricted to the operator's layers. :func:`check_condition` is the
+the paper layout of docs/math.md §1 restricted to the operator's layers. :func:`check_condition` is the
 one guard on inverting factors and Schur complements (Sections 3.2, 3.3, Appendix I).
 """
 
