@@ -1,29 +1,23 @@
 """The story notebooks in notebooks/ run top to bottom and show what they promise.
 
-Each notebook is executed headlessly with nbclient, one after the other (ECOSYSTEM.md: never in
-parallel), from a scratch copy in ``tmp_path`` so the committed files are never rewritten. They use
-the default zoo cache (~/.cache/kfac_lens/zoo or $KFAC_LENS_ZOO): the first run trains the quick
-networks (about a minute each; a few minutes for the training comparison on two cores), later runs
-load them. The claims the notebooks state in prose are also asserted in their own cells (for
+Each notebook is executed once per session by :mod:`notebook_run` (headless nbclient, one after the
+other, from a scratch copy so the committed files are never rewritten); tests/test_notebook_claims.py
+reads the same executed copies. The claims the notebooks state in prose are checked there against
+the key numbers each notebook displays; a few are also asserted in the notebooks' own cells (for
 example that F = F̃ for one case), so a wrong number fails the cell and therefore the test.
 """
 
 from __future__ import annotations
 
 import base64
-import os
-import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+from notebook_run import KEY_NUMBERS_TAG, NOTEBOOK_DIR, RUN_TIMEOUT, executed
 
 pytestmark = pytest.mark.notebook
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_DIR = ROOT / "notebooks"
-CELL_TIMEOUT = 900  # s; generous, the first run may train a zoo network inside a cell
 PNG = b"\x89PNG\r\n\x1a\n"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -33,17 +27,9 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 EXPECTED = {
     "01_exact_fisher_vs_kfac.ipynb": dict(figures=3, explorers=["FisherExplorer"]),
     "02_block_diagonal_vs_tridiagonal.ipynb": dict(figures=3, explorers=["DampingExplorer"]),
-    "03_damping_and_rescaling.ipynb": dict(figures=1, explorers=["RescalingExplorer", "DampingExplorer"]),
+    "03_damping_and_rescaling.ipynb": dict(figures=1, explorers=["RescalingExplorer"]),
     "04_training.ipynb": dict(figures=1, explorers=[]),
 }
-
-
-def _kernel_env() -> dict[str, str]:
-    """The test process's environment minus MPLBACKEND: exporting Agg into the kernel replaces the
-    inline backend and the figures vanish from the outputs (ECOSYSTEM.md)."""
-    env = dict(os.environ)
-    env.pop("MPLBACKEND", None)
-    return env
 
 
 def _outputs(nb):
@@ -78,7 +64,8 @@ def test_every_notebook_is_covered():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_committed_notebook_is_clean(name):
-    """No outputs or execution counts are committed, and the kernel is the plain python3 one."""
+    """No outputs or execution counts are committed, the kernel is the plain python3 one, and the
+    key-numbers cell that tests/test_notebook_claims.py reads is there."""
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
@@ -91,25 +78,14 @@ def test_committed_notebook_is_clean(name):
     text = "\n".join(c.source for c in nb.cells)
     assert "MPLBACKEND" not in text
     assert "Appendix" in text, "each story cites the paper's appendices"
+    tagged = [c for c in code if KEY_NUMBERS_TAG in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{name}: expected one code cell tagged {KEY_NUMBERS_TAG!r}"
 
 
-@pytest.mark.timeout(4 * CELL_TIMEOUT)
+@pytest.mark.timeout(RUN_TIMEOUT)
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_notebook_runs(name, tmp_path):
-    src = NOTEBOOK_DIR / name
-    work = tmp_path / name
-    shutil.copy(src, work)
-    nb = nbformat.read(work, as_version=4)
-    client = NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT,
-        startup_timeout=120,
-        kernel_name="python3",
-        allow_errors=False,
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    client.execute(env=_kernel_env())  # raises CellExecutionError on the first failing cell
-    nbformat.write(nb, work)  # the executed scratch copy, for a look when something is off
+def test_notebook_runs(name, tmp_path_factory):
+    nb = executed(name, tmp_path_factory)  # raises CellExecutionError on the first failing cell
 
     outputs = list(_outputs(nb))
     errors = [o for o in outputs if o.get("output_type") == "error"]
