@@ -63,6 +63,18 @@ def check_operator(op, D, shapes, tol=TOL):
     assert O.rel(torch.cat([O.vec(M) for M in out]), D @ V[:, 1]) < tol
 
 
+def oracle_damped(F, A, G, Ad, Gd, sel, szs, gamma):
+    """The damped approximations from the oracle: factored Tikhonov (Ad, Gd) for the Kronecker ones,
+    + γ²I for the others."""
+    eye = torch.eye(F.shape[0], dtype=F.dtype)
+    Ft = O.kfac_dense(Ad, Gd, sel)
+    return {"kfac": Ft, "kfac-blockdiag": O.exact_block_diagonal(Ft, szs),
+            "kfac-tridiag": torch.linalg.inv(O.tridiag_inverse(Ad, Gd, sel)),
+            "ekfac": O.ekfac_dense(F, A, G, sel, szs) + gamma ** 2 * eye,
+            "diagonal": O.fisher_diagonal(F) + gamma ** 2 * eye,
+            "blockdiag-exact": O.exact_block_diagonal(F, szs) + gamma ** 2 * eye}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind,layers", CASES)
 def test_operators_match_oracle(kind, layers, family):
@@ -89,13 +101,7 @@ def test_damped_operators_and_inverses_match_oracle(kind, layers, family):
     sel = O.all_layers(net, layers)
     F, A, G, szs = oracle_parts(net, X, family, sel)
     Ad, Gd, _ = O.damp(A, G, sel, gamma)
-    eye = torch.eye(F.shape[0], dtype=F.dtype)
-    Ft = O.kfac_dense(Ad, Gd, sel)
-    refs = {"kfac": Ft, "kfac-blockdiag": O.exact_block_diagonal(Ft, szs),
-            "kfac-tridiag": torch.linalg.inv(O.tridiag_inverse(Ad, Gd, sel)),
-            "ekfac": O.ekfac_dense(F, A, G, sel, szs) + gamma ** 2 * eye,
-            "diagonal": O.fisher_diagonal(F) + gamma ** 2 * eye,
-            "blockdiag-exact": O.exact_block_diagonal(F, szs) + gamma ** 2 * eye}
+    refs = oracle_damped(F, A, G, Ad, Gd, sel, szs, gamma)
     for name, op in build_approximations(net, X, family, layers=layers).items():
         damped = op.damped(gamma)
         assert O.rel(damped.dense(), refs[str(name)]) < 1e-9, name
@@ -174,12 +180,7 @@ def test_compare_dense_matches_oracle(kind, family):
     assert O.rel(loss_gradient(net, X, y, family), g) < 1e-12
     exact_dir = torch.linalg.solve(Fg, g)
     eig_F = torch.linalg.eigvalsh(F).flip(0)[:top_k]
-    Ft = O.kfac_dense(Ad, Gd, sel)
-    damped = {"kfac": Ft, "kfac-blockdiag": O.exact_block_diagonal(Ft, szs),
-              "kfac-tridiag": torch.linalg.inv(O.tridiag_inverse(Ad, Gd, sel)),
-              "ekfac": O.ekfac_dense(F, A, G, sel, szs) + gamma ** 2 * eye,
-              "diagonal": O.fisher_diagonal(F) + gamma ** 2 * eye,
-              "blockdiag-exact": O.exact_block_diagonal(F, szs) + gamma ** 2 * eye}
+    damped = oracle_damped(F, A, G, Ad, Gd, sel, szs, gamma)
     for name, row in df.iterrows():
         ref = oracle_approximation(name, F, A, G, sel, szs)
         rel = float((F - ref).norm() / F.norm())
