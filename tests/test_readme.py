@@ -32,6 +32,10 @@ def test_readme_example_runs(index, agg_backend, tmp_path, monkeypatch):
     if "prop" in namespace:
         assert namespace["prop"].M < 0  # the proposal decreases the quadratic model
         checked += 1
+    if "dropin_losses" in namespace:  # the drop-in loop trains
+        losses = namespace["dropin_losses"]
+        assert losses[-1] < 0.5 * losses[0]
+        checked += 1
     if "exported" in namespace:  # the export example: files in the paper layout that load back
         import numpy as np
         import torch
