@@ -2,8 +2,8 @@
 
 The drop-in step reads the gradient from ``.grad`` (the user's loss divided by its constant c: 1 for
 CrossEntropyLoss, 1/C for BCEWithLogitsLoss, 2/C for MSELoss) and the Linear inputs recorded during the
-user's forward pass; ``step(x, y)`` runs its own passes (the batch as the chunks [S₁ | rest]). Both use the
-same random stream (S₁, sampled targets, S₂), so the factors, subsets and every rule agree; the iterates
+user's forward pass; ``step(x, y)`` runs its own forward/backward pass. Both draw the same random stream
+(S₁, sampled targets, S₂) and compute the factor statistics on S₁ alike, so every rule agrees; the iterates
 agree to rounding (1e-12 relative), not bit for bit, because the two gradients are summed in another order:
 torch's mean over m·C loss entries times 1/c, against the mean over cases of the per-case sums.
 """

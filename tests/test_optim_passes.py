@@ -1,7 +1,7 @@
 """The pieces of a cheap K-FAC iteration against the library's independent computations (float64):
 
-- the [S₁ | rest] gradient pass: the whole mini-batch's gradient, and S₁'s factor statistics equal to those
-  of a separate pass on S₁ with the same sampled targets (Appendix D, Algorithm 2);
+- the gradient pass's gradient, and S₁'s factor statistics equal to compute_factors' with the same sampled
+  targets (Appendix D, Algorithm 2);
 - Appendix J products from the gradient pass's activations: ``[vᵢᵀFvⱼ]`` on a subset S₂ equals
   ``fisher_gram`` (which runs its own linearised forward pass), also through the fallback for other modules;
 - the γ search in the factors' eigenbasis: Δ_γ = −F̆_γ⁻¹∇h of the block-diagonal inverse (Section 3.2, E.3);
@@ -21,7 +21,7 @@ from kfac_lens.curvature.factors import compute_factors
 from kfac_lens.curvature.inverses import factor_eigs
 from kfac_lens.optim import SubspaceModel
 from kfac_lens.optim.fisher_products import fisher_gram_from_pass, linearisation_plan
-from kfac_lens.optim.passes import GradientPass, gradient_pass, split_gradient_pass
+from kfac_lens.optim.passes import GradientPass, gradient_pass, subset_statistics
 from kfac_lens.optim.proposals import eigenbasis_directions
 from kfac_lens.optim.quadratic import SOLUTION_FIELDS, solve_subspaces
 
@@ -62,36 +62,29 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("estimator", ["mc", "exact"])
-def test_split_pass_gives_the_batch_gradient_and_the_subset_statistics(estimator):
+def test_gradient_pass_and_subset_statistics(estimator):
+    """The pass's gradient is autograd's; S₁'s statistics equal (bit for bit) those of compute_factors on S₁
+    drawing the same sampled targets."""
     net = net_with([nn.Tanh, nn.Sigmoid])
     view = K.NetworkView(net)
     X, y = data()
     lik = K.get_likelihood("categorical")
     layers = list(range(len(view)))
-    S1 = torch.tensor([7, 3, 31, 12, 0])
-    gen = torch.Generator().manual_seed(5)
-    batch, stats = split_gradient_pass(view, lik, X, y, S1, layers, estimator, gen, "tridiag")
-    ref = gradient_pass(view, lik, X, y, layers)
-    assert float(batch.loss) == pytest.approx(float(ref.loss), rel=1e-14)
-    for a, b in zip(batch.data_grad, ref.data_grad):
-        assert rel(a, b) < 1e-13
-    # two chunks, S₁ and the rest: case r sits at row position[r]; rows gathered across the chunks
-    assert len(batch.a) == 2 and batch.a[0][0].shape[0] == 5 and torch.equal(batch.position[S1], torch.arange(5))
-    cases = torch.arange(40)
-    for k in layers:
-        assert torch.allclose(batch.layer_input(k, cases), ref.layer_input(k, None), rtol=0, atol=1e-14)
+    batch = gradient_pass(view, lik, X, y, layers)
+    loss = nn.functional.cross_entropy(net(X), y)
+    loss.backward()
+    assert float(batch.loss) == pytest.approx(float(loss.detach()), rel=1e-14)
+    for k, (G, ref) in enumerate(zip(batch.data_grad, view.gradient_matrices())):
+        assert rel(G, ref) < 1e-13
         g_cols, a_rows = batch.low_rank_pieces(k)
-        assert torch.allclose(g_cols.T[batch.position], ref.g[0][k], rtol=0, atol=1e-16)
-        assert torch.allclose(g_cols @ a_rows, ref.data_grad[k], rtol=1e-13, atol=1e-16)
-    picked = torch.tensor([39, 7, 0, 12, 3])
-    assert torch.allclose(batch.output(picked), ref.output(None)[picked], rtol=0, atol=1e-14)
-    # the same statistics (bit for bit) as a separate pass on S₁ drawing the same sampled targets
+        assert rel(g_cols @ a_rows, G) < 1e-14
+    S1 = torch.tensor([7, 3, 31, 12, 0])
+    stats = subset_statistics(view, lik, X[S1], layers, estimator, torch.Generator().manual_seed(5), "tridiag")
     sep = compute_factors(view, X[S1], lik, layers, estimator, samples=1,
                           generator=torch.Generator().manual_seed(5), pairs="tridiag", progress=False)
     assert stats.pairs == sep.pairs
     for kl in sep.pairs:
         assert torch.equal(stats.A[kl], sep.A[kl]) and torch.equal(stats.G[kl], sep.G[kl])
-    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(5).get_state()) == (estimator == "exact")
 
 
 @pytest.mark.parametrize("activations", [[nn.Tanh, nn.Sigmoid], [lambda: nn.ReLU(inplace=True)], [Softplus2]],
@@ -109,15 +102,13 @@ def test_gram_from_the_gradient_pass_equals_fisher_gram(family, activations):
     vecs = random_mats(view, 3)
     S2 = torch.tensor([4, 17, 2, 39, 22, 11, 30])
     ref = K.fisher_gram(net, X[S2], family, vecs)
-    batch, _ = split_gradient_pass(view, lik, X, y, torch.tensor([1, 2, 3, 4, 5, 6]), list(range(3)), "mc",
-                                   torch.Generator().manual_seed(0), "diag")
+    batch = gradient_pass(view, lik, X, y, list(range(3)))
     G = fisher_gram_from_pass(view, lik, batch, S2, vecs, plan)
     assert G.dtype == F64 and torch.equal(G, G.T)
     assert rel(G, ref) < 1e-12
-    # the drop-in form: one chunk, layer inputs without the homogeneous 1, cases in order
-    cases = torch.arange(40)
-    inputs = {k: batch.layer_input(k, cases)[:, :view.layers[k].d_in] for k in range(3)}
-    raw = GradientPass(X, y, batch.loss, batch.data_grad, [inputs], None, [batch.output(cases)])
+    # the drop-in form: layer inputs as recorded by the hooks, without the homogeneous 1
+    inputs = {k: batch.a[k][:, :view.layers[k].d_in] for k in range(3)}
+    raw = GradientPass(X, y, batch.loss, batch.data_grad, inputs, None, batch.z)
     assert rel(fisher_gram_from_pass(view, lik, raw, S2, vecs, plan), ref) < 1e-12
     assert rel(fisher_gram_from_pass(view, lik, raw, None, vecs, plan), K.fisher_gram(net, X, family, vecs)) < 1e-12
 

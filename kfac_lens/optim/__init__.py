@@ -1,7 +1,8 @@
 """Optimizers: K-FAC (Appendices D–H) and the first-order baselines, with a shared training loop."""
 
 from .baselines import Adam, SGDNesterov
-from .kfac import KFAC, Proposal
+from .kfac import KFAC
+from .proposals import Proposal
 from .quadratic import SubspaceModel, alpha_star
 from .schedules import (
                         ema_decay,

@@ -188,4 +188,4 @@ def recorded_pass(recorder: BatchRecorder, likelihood: Likelihood) -> GradientPa
     data_grad = view.gradient_matrices()  # fresh matrices: scaled in place
     if scale != 1.0:
         data_grad = [G.mul_(scale) for G in data_grad]
-    return GradientPass(rec.x, y, likelihood.nll(rec.z, y), data_grad, [rec.inputs], None, [rec.z])
+    return GradientPass(rec.x, y, likelihood.nll(rec.z, y), data_grad, rec.inputs, None, rec.z)

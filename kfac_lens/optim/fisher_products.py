@@ -57,10 +57,14 @@ def jacobian_vector_products(view: NetworkView, batch: GradientPass, cases: torc
         return z, torch.stack(Jvs)
     T = len(vectors)
     last = len(view.layers) - 1
-    z = batch.output(cases)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t if cases is None else t[cases]
+
+    z = rows(batch.z)
     da = None
     with torch.no_grad():
-        a = batch.layer_input(0, cases)
+        a = rows(batch.a[0])
         for L in view.layers:
             k = L.index
             n = a.shape[0]
@@ -72,7 +76,7 @@ def jacobian_vector_products(view: NetworkView, batch: GradientPass, cases: torc
                     torch.addmm(V[:, -1], a, V[:, :-1].T, out=ds[t])
             if da is not None:
                 ds.view(T * n, L.d_out).addmm_(da.reshape(T * n, L.d_in), L.module.weight.detach().T)
-            a = batch.layer_input(k + 1, cases) if k < last else None
+            a = rows(batch.a[k + 1]) if k < last else None
             if plan[k] is not None:  # φ'(s_k) from φ(s_k): the next layer's input, or z
                 out = z if k == last else a[:, :view.layers[k + 1].d_in]
                 ds.mul_(plan[k](out)[None])

@@ -2,10 +2,9 @@
 
 One iteration on a mini-batch S′ of size m:
 
-1. forward/backward on S′ → h(θ) and ∇h (plus the ℓ2 term η θ), run as the chunks [S₁ | rest] so that
-   the extra backward pass with targets sampled from the model on the τ₁·m subset S₁ shares S₁'s forward
-   pass → new Ā, G (diagonal and, for the tridiagonal inverse, neighbouring cross-layer blocks), kept as an
-   EMA with ε = min(1 − 1/k, 0.95) (Appendix D; :mod:`.passes`);
+1. forward/backward on S′ → h(θ) and ∇h (plus the ℓ2 term η θ); one extra backward pass with targets
+   sampled from the model on a τ₁·m subset S₁ → new Ā, G (diagonal and, for the tridiagonal inverse,
+   neighbouring cross-layer blocks), kept as an EMA with ε = min(1 − 1/k, 0.95) (Appendix D; :mod:`.passes`);
 2. candidates Γ = {γ, ω₂γ, γ/ω₂} every T₂ iterations, else {γ} (Appendix E.6);
 3. for each γ: Δ = −F̃⁻¹∇h with the approximate inverse of the factored-Tikhonov-damped F̃ (refreshed when
    k ≡ 0 mod T₃ or k ≤ 3; Appendix G; the block-diagonal γ search runs in the factors' eigenbasis,
@@ -24,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -35,34 +33,20 @@ from ..likelihoods import get_likelihood
 from ..nets import NetworkView
 from .dropin import BatchRecorder, recorded_pass, torch_loss
 from .fisher_products import fisher_gram_from_pass, linearisation_plan
-from .passes import GradientPass, checked_loss, gradient_pass, split_gradient_pass, subset_statistics
-from .proposals import eigenbasis_directions, factor_eigenbases, subspace_grams
+from .passes import GradientPass, checked_loss, gradient_pass, subset_statistics
+from .proposals import Proposal, eigenbasis_directions, factor_eigenbases, subspace_grams
 from .quadratic import SOLUTION_FIELDS, solve_subspaces
-from .schedules import ema_decay, gamma_candidates, levenberg_marquardt, resolve, validate_hyper_parameters
+from .schedules import (
+    default_omega1,
+    default_omega2,
+    ema_decay,
+    gamma_candidates,
+    levenberg_marquardt,
+    resolve,
+    validate_hyper_parameters,
+)
 
 INVERSE_PAIRS = {"blockdiag": "diag", "tridiag": "tridiag"}
-
-
-@dataclass
-class Proposal:
-    """An update δ = αΔ + μδ₀ and what the quadratic model says of it."""
-
-    delta: list[torch.Tensor]
-    Delta: list[torch.Tensor]
-    gamma: float
-    alpha: float
-    mu: float
-    M: float
-    improvement: float = float("nan")  # h(θ) − h(θ + δ) on the evaluation data, when asked for
-    extra: dict = field(default_factory=dict)
-
-
-def _default_omega1(T1: int) -> float:
-    return (19 / 20) ** T1
-
-
-def _default_omega2(T2: int) -> float:
-    return math.sqrt(19 / 20) ** T2
 
 
 class KFAC(torch.optim.Optimizer):
@@ -90,7 +74,14 @@ class KFAC(torch.optim.Optimizer):
       "exact" (expectation over y exact; for tests and small problems).
 
     Runs on the model's device in the model's dtype. ``seed`` makes subsets and sampled targets
-    reproducible.
+    reproducible. In an ordinary training loop::
+
+        loss_fn = nn.CrossEntropyLoss()
+        opt = KFAC(model, loss_fn)  # instead of, e.g., torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
     """
 
     VARIANTS = {"re-scaled, momentum": (True, True), "re-scaled, no momentum": (True, False),
@@ -118,8 +109,8 @@ class KFAC(torch.optim.Optimizer):
         self.hp = dict(eta=eta, T1=T1, T2=T2, T3=T3, tau1=tau1, tau2=tau2, momentum=momentum,
                        rescale=rescale, pi=pi, eps_max=eps_max, low_rank=low_rank,
                        adapt_gamma=adapt_gamma, adapt_lambda=adapt_lambda,
-                       omega1=omega1 if omega1 is not None else (lambda k: _default_omega1(resolve(T1, k))),
-                       omega2=omega2 if omega2 is not None else (lambda k: _default_omega2(resolve(T2, k))))
+                       omega1=omega1 if omega1 is not None else default_omega1(T1),
+                       omega2=omega2 if omega2 is not None else default_omega2(T2))
         self._validate(1)
         lam = float(resolve(lambda_init, 1))
         if not lam >= 0:
@@ -364,8 +355,9 @@ class KFAC(torch.optim.Optimizer):
         pairs = INVERSE_PAIRS[self.inverse_kind]
 
         def run_pass(S1):
-            return split_gradient_pass(self.view, self.likelihood, x, y, S1, self.layers, self.curvature_estimator,
-                                       self.generator, pairs)
+            return (gradient_pass(self.view, self.likelihood, x, y, self.layers),
+                    subset_statistics(self.view, self.likelihood, x[S1], self.layers, self.curvature_estimator,
+                                      self.generator, pairs))
 
         with self._own_passes():
             return self._iterate(x, y, run_pass, t0)

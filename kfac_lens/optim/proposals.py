@@ -12,12 +12,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..curvature.factors import KroneckerFactors
 from ..errors import SingularFactorError
+
+
+@dataclass
+class Proposal:
+    """An update δ = αΔ + μδ₀ and what the quadratic model says of it."""
+
+    delta: list[torch.Tensor]
+    Delta: list[torch.Tensor]
+    gamma: float
+    alpha: float
+    mu: float
+    M: float
+    improvement: float = float("nan")  # h(θ) − h(θ + δ) on the evaluation data, when asked for
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass

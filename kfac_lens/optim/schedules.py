@@ -18,6 +18,16 @@ def resolve(value: HyperParameter, k: int):
     return value(k) if callable(value) else value
 
 
+def default_omega1(T1: HyperParameter) -> Callable[[int], float]:
+    """Appendix E.5's ω₁ = (19/20)^T₁ (T₁ a number or a callable of k)."""
+    return lambda k: (19 / 20) ** resolve(T1, k)
+
+
+def default_omega2(T2: HyperParameter) -> Callable[[int], float]:
+    """Appendix E.6's ω₂ = (√(19/20))^T₂ (T₂ a number or a callable of k)."""
+    return lambda k: math.sqrt(19 / 20) ** resolve(T2, k)
+
+
 def levenberg_marquardt(lam: float, rho: float, omega1: float) -> float:
     """Appendix E.5: λ ← ω₁λ if ρ > 3/4; λ ← λ/ω₁ if ρ < 1/4; else unchanged. NaN ρ counts as a failure."""
     if not 0 < omega1 < 1:
