@@ -1,4 +1,4 @@
-"""``kfac-lens`` command line: ``figures`` (the main job), ``train``, ``bench`` and ``test``.
+"""``kfac-lens`` command line: ``figures`` (the main job), ``train``, ``bench``, ``gpu-check`` and ``test``.
 
 Environment variables: ``KFAC_LENS_DATA`` (where MNIST and the zoo cache live; default
 ``~/.cache/kfac_lens``), ``KFAC_LENS_QUIET`` (set: no automatic progress bars; ``--quiet`` sets it).
@@ -166,6 +166,9 @@ def main(argv=None) -> int:
         return bench.main(argv[1:], prog="kfac-lens bench")
     if argv[:1] == ["test"]:
         return run_tests(argv[1:])
+    if argv[:1] == ["gpu-check"]:
+        from . import gpu_check
+        return gpu_check.main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="kfac-lens", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +195,8 @@ def main(argv=None) -> int:
     t.set_defaults(func=run_train)
 
     sub.add_parser("bench", help="benchmarks that print ratio tables (kfac-lens bench --help)", add_help=False)
+    sub.add_parser("gpu-check", help="exercise the CUDA paths: device tests, benchmarks and figures on the GPU "
+                                     "(kfac-lens gpu-check --help)", add_help=False)
     sub.add_parser("test", help="run the test suite of a source checkout (arguments go to pytest)",
                    add_help=False)
 
