@@ -310,3 +310,64 @@ def test_a_doubled_output_link_warns_at_construction():
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Softmax(dim=1))
     with pytest.warns(UserWarning, match="applied twice"):
         KFAC(net, "categorical")
+
+
+def ill_conditioned_float32_problem(n=256, seed=0):
+    """A float32 network whose first-layer input has two nearly collinear features, so Ā₀ + πγI has a
+    condition number above float32's limit (1/(100·eps) ≈ 8.4e4) for small γ and below it for large γ."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 3, generator=g)
+    X = torch.cat([x, x[:, :1] + 1e-4 * torch.randn(n, 1, generator=g)], dim=1) * 30
+    y = torch.randint(0, 3, (n,), generator=g)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    return net, X, y
+
+
+def refused_in_float32(net, X, gamma) -> bool:
+    f = K.kronecker_factors(net, X, "categorical", dtype=torch.float32)
+    try:
+        K.block_diagonal_inverse(f, gamma)
+    except K.SingularFactorError:
+        return True
+    return False
+
+
+def float32_threshold(net, X, lo=1e-8, hi=1e3) -> float:
+    """The γ below which float32 cannot invert the damped factors, by bisection on log γ."""
+    assert refused_in_float32(net, X, lo) and not refused_in_float32(net, X, hi)
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if refused_in_float32(net, X, mid) else (lo, mid)
+    return hi
+
+
+def test_gamma_search_leaves_out_candidates_float32_cannot_invert():
+    """(Block-tridiagonal: it builds every candidate's inverse; the block-diagonal search builds only the
+    winner's, and falls back to the next best one the same way.)"""
+    inverse = "tridiag"
+    net, X, y = ill_conditioned_float32_problem()
+    omega2 = 0.5
+    threshold = float32_threshold(net, X)
+    # a γ that float32 can invert, whose ω₂γ candidate it cannot (checked here, independently of KFAC)
+    gamma = 1.05 * threshold
+    assert not refused_in_float32(net, X, gamma) and refused_in_float32(net, X, omega2 * gamma)
+    opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, T2=1, T3=1, omega2=omega2,
+               curvature_estimator="exact", tau1=1.0, seed=0)
+    with pytest.warns(RuntimeWarning, match="left out of the γ search"):
+        for _ in range(4):
+            opt.step(X, y)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("inverse", ["blockdiag", "tridiag"])
+def test_gamma_is_raised_when_no_candidate_can_be_inverted(inverse):
+    net, X, y = ill_conditioned_float32_problem()
+    gamma, omega2 = 1e-6, math.sqrt(19 / 20) ** 20
+    threshold = float32_threshold(net, X)
+    expected = gamma * omega2 ** -math.ceil(math.log(threshold / gamma) / math.log(1 / omega2))
+    opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, adapt_gamma=False,
+               curvature_estimator="exact", tau1=1.0, seed=0)
+    with pytest.warns(RuntimeWarning, match="γ raised to"):
+        opt.step(X, y)
+    assert opt.gamma == pytest.approx(expected, rel=1e-9)

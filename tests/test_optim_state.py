@@ -374,3 +374,23 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         load_checkpoint(path)
+
+
+def test_state_saved_on_another_kind_of_device_resumes_with_a_warning():
+    """A CUDA generator's state (16 bytes) cannot seed a CPU generator (and vice versa): loading such a state
+    continues from a stream seeded from it, reproducibly, and says so."""
+    net, X, y = make_problem()
+    opt = kfac(net)
+    for xb, yb in batch_list(X, y, 3):
+        opt.step(xb, yb)
+    sd = opt.state_dict()
+    assert sd["generator_device"] == "cpu"
+    cuda_like = {**sd, "generator": torch.arange(16, dtype=torch.uint8), "generator_device": "cuda"}
+    draws = []
+    for _ in range(2):
+        other = kfac(copy.deepcopy(net))
+        with pytest.warns(RuntimeWarning, match="saved on cuda .* not bit-identical"):
+            other.load_state_dict(cuda_like)
+        draws.append(torch.randperm(100, generator=other.generator))
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], torch.randperm(100, generator=torch.Generator().manual_seed(3)))

@@ -21,14 +21,17 @@ One iteration on a mini-batch S′ of size m:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
+import warnings
 
 import torch
 
 from ..capture import check_inputs, warn_if_link_applied_twice
 from ..curvature.factors import KroneckerFactors
 from ..curvature.inverses import BlockDiagonalInverse, factor_eigs, make_inverse
+from ..errors import SingularFactorError
 from ..likelihoods import get_likelihood
 from ..nets import NetworkView
 from .dropin import BatchRecorder, recorded_pass, torch_loss
@@ -212,17 +215,46 @@ class KFAC(torch.optim.Optimizer):
         return out
 
     def _refresh_directions(self, candidates, grad, batch, params, eta, m, pi):
-        """Δ for each γ candidate at an inverse refresh, and a function giving the live inverse of the chosen
-        one: the block-diagonal γ search in the factors' eigenbasis, in the model's dtype (no candidate forms
-        an inverse; only the winner's is built, by Cholesky), otherwise one inverse per candidate (Algorithm
-        2's loop over Γ)."""
+        """Δ for each γ candidate at an inverse refresh, and a function giving the live inverse of candidate c
+        (None when its damped factors cannot be inverted in the model's dtype): the block-diagonal γ search
+        in the factors' eigenbasis, in the model's dtype (no candidate forms an inverse; only the winner's is
+        built, by Cholesky), otherwise one inverse per candidate (Algorithm 2's loop over Γ), the candidates
+        that cannot be inverted left out. Returns (candidates, Δs, live inverse of c)."""
         if self.inverse_kind == "blockdiag" and len(candidates) > 1:
             eigs = factor_eigenbases(self.factors)
             Deltas = eigenbasis_directions(eigs, self.factors, grad, candidates, pi)
-            return Deltas, lambda c: self._build_inverse(candidates[c], pi=pi)
-        invs = [self._build_inverse(g, pi=pi) for g in candidates]
+            return candidates, Deltas, lambda c: self._try_inverse(candidates[c], pi)
+        built = [(g, self._try_inverse(g, pi)) for g in candidates]
+        built = [(g, inv) for g, inv in built if inv is not None] or [self._raise_gamma(max(candidates), pi)]
+        candidates, invs = [g for g, _ in built], [inv for _, inv in built]
         Deltas = [self._proposal_direction(inv, grad, batch, params, eta, m) for inv in invs]
-        return Deltas, lambda c: invs[c]
+        return candidates, Deltas, lambda c: invs[c]
+
+    def _try_inverse(self, gamma: float, pi):
+        """The inverse at ``gamma``, or None (and a warning) when a damped factor is too ill-conditioned to
+        invert in the model's dtype: such a γ is left out of the search (Appendix E.6) instead of ending
+        the run."""
+        try:
+            return self._build_inverse(gamma, pi=pi)
+        except SingularFactorError as exc:
+            warnings.warn(f"K-FAC iteration {self.k}: γ = {gamma:.4g} is left out of the γ search: {exc}",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+    def _raise_gamma(self, gamma: float, pi, tries: int = 40):
+        """When no candidate can be inverted, γ/ω₂, γ/ω₂², … until one can (Appendix E.6's grid upwards)."""
+        omega2 = float(self._h("omega2"))
+        for _ in range(tries):
+            gamma = gamma / omega2
+            try:
+                inv = self._build_inverse(gamma, pi=pi)
+            except SingularFactorError:
+                continue
+            warnings.warn(f"K-FAC iteration {self.k}: γ raised to {gamma:.4g}, the smallest value on the ω₂ grid "
+                          f"at which every damped factor can be inverted in {self.view.dtype}.",
+                          RuntimeWarning, stacklevel=2)
+            return gamma, inv
+        return gamma, self._build_inverse(gamma, pi=pi)  # raises SingularFactorError with its diagnosis
 
     def _grams(self, Deltas, grad, batch: GradientPass, cases, with_delta0: bool):
         """(gram_F, gram_I, b) of M on span{Δ_c, δ₀} for each candidate c (:func:`.proposals.subspace_grams`),
@@ -288,7 +320,8 @@ class KFAC(torch.optim.Optimizer):
         if rebuild:  # the factors change before the new inverse: refuse a non-finite loss first
             checked_loss(float(batch.loss), k)
             self._absorb(new_factors, k)
-            Deltas, live_inverse = self._refresh_directions(candidates, grad, batch, params, eta, m, pi)
+            candidates, Deltas, live_inverse = self._refresh_directions(candidates, grad, batch, params, eta, m,
+                                                                        pi)
         else:
             Deltas = [self._proposal_direction(self.inverse, grad, batch, params, eta, m)]
         use_mom = momentum and rescale and self.delta0 is not None
@@ -300,14 +333,22 @@ class KFAC(torch.optim.Optimizer):
         if not rebuild:
             self._absorb(new_factors, k)
         width = len(SOLUTION_FIELDS)
-        best = best_c = None
-        for c, gamma in enumerate(candidates):
-            prop = self._combine(Deltas[c], grad, None, lam, eta, gamma, rescale, momentum,
-                                 solution=host[2 + width * c: 2 + width * (c + 1)])
-            if best is None or prop.M < best.M:
-                best, best_c = prop, c
+        props = [self._combine(Deltas[c], grad, None, lam, eta, gamma, rescale, momentum,
+                               solution=host[2 + width * c: 2 + width * (c + 1)])
+                 for c, gamma in enumerate(candidates)]
+        order = sorted(range(len(props)), key=lambda c: props[c].M)  # best (lowest M) first
+        best = props[order[0]]
         if rebuild:
-            self.inverse = live_inverse(best_c)
+            inv = None
+            for c in order:  # the best candidate whose inverse can be built (Appendix E.6)
+                best, inv = props[c], live_inverse(c)
+                if inv is not None:
+                    break
+            if inv is None:
+                gamma, inv = self._raise_gamma(max(candidates), pi)
+                Delta = self._proposal_direction(inv, grad, batch, params, eta, m)
+                best = self._combine(Delta, grad, (batch, S2), lam, eta, gamma, rescale, momentum)
+            self.inverse = inv
             self._inverse_source = (self.factors.clone(), best.gamma, pi, False)  # (built by Cholesky)
         self.gamma = best.gamma
         # θ ← θ + lr·δ, then the Levenberg–Marquardt rule on the same mini-batch (Appendix E.5).
@@ -491,6 +532,7 @@ class KFAC(torch.optim.Optimizer):
                 "inverse_source": src,
                 "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
                 "generator": self.generator.get_state(),
+                "generator_device": self.generator.device.type,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -512,9 +554,29 @@ class KFAC(torch.optim.Optimizer):
             pi, shared = src.get("pi", self._h("pi")), bool(src.get("shared_eigs", False))
             self._inverse_source = (f, g, pi, shared)
             self.inverse = self._rebuild_inverse(f, g, pi, shared)
-        self.generator.set_state(sd["generator"].cpu() if hasattr(sd["generator"], "cpu") else sd["generator"])
+        self._restore_generator(sd["generator"], sd.get("generator_device"))
         for group, saved in zip(self.param_groups, sd.get("param_groups", [])):  # (older states: lr = 1)
             group.update(saved)
+
+    def _restore_generator(self, state: torch.Tensor, saved_on: str | None) -> None:
+        """Continue the saved random stream (S₁, S₂, sampled targets) on the same kind of device. A stream
+        saved on another kind (CPU ↔ CUDA) cannot continue there, so a new one is seeded from it,
+        deterministically, and a warning says that the run is reproducible but not identical to a resume
+        on the original device."""
+        state = state.cpu() if hasattr(state, "cpu") else state
+        here = self.generator.device.type
+        if saved_on in (None, here):
+            try:
+                self.generator.set_state(state)
+                return
+            except RuntimeError:  # (states saved before ``generator_device`` existed, on another device)
+                pass
+        seed = int.from_bytes(hashlib.sha256(bytes(state.tolist())).digest()[:8], "little")
+        self.generator.manual_seed(seed)
+        warnings.warn(f"K-FAC state: its random stream was saved on {saved_on or 'another device'} and this "
+                      f"optimizer samples on {here}; sampling continues from a stream seeded from the saved one, "
+                      "so the run is reproducible but not bit-identical to a resume on the original device.",
+                      RuntimeWarning, stacklevel=3)
 
     def __getstate__(self) -> dict:  # torch.optim.Optimizer's keeps only defaults, state and param_groups
         return dict(self.__dict__)
