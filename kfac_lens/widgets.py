@@ -1,4 +1,4 @@
-"""Interactive explorers (ipywidgets) built on :mod:`kfac_lens.figures`.
+"""Interactive explorers (ipywidgets): control wiring around the ``draw_*`` functions of :mod:`kfac_lens.figures`.
 
 Each explorer keeps one persistent matplotlib ``Figure`` and its image artists, updates the artists in
 place when a control changes (``observe`` callbacks) and shows the figure as PNG bytes in an
@@ -23,22 +23,13 @@ from collections.abc import Mapping
 import ipywidgets as W
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from torch import nn
 
+from .curvature.blocks import block_slices
 from .errors import SingularFactorError
-from .figures import (
-    CurvatureStudy,
-    MatrixPanel,
-    _offsets,
-    _panel_grid,
-    _show_rows,
-    _suptitle,
-    cumulant_figure,
-    draw_cumulants,
-    layer_label,
-    shared_vmax,
-)
+from .figures import PanelGrid, cumulant_grid, draw_cumulants, draw_exact_vs_kfac, draw_figure6, draw_figure7
+from .study import CurvatureStudy, Inverse, layer_label
+from .sweep import SweepCache, figure7_data, variants_shown
 
 __all__ = ["DampingExplorer", "FisherExplorer", "RescalingExplorer", "figure_png"]
 
@@ -86,9 +77,12 @@ class DampingExplorer(_Explorer):
     Controls: ``gamma_slider`` (log scale, "γ"), ``inverse_choice`` ("both", "block-diagonal",
     "block-tridiagonal": which rows of the figure to show) and ``layer_select`` (the subset of the
     study's layers; a sub-study shares F, the factors and ∇h, so only the γ-dependent pieces are
-    recomputed). The figure (``fig``, panels in ``panels[row][col]``) is updated in place with
-    ``set_data`` and one shared white level (:func:`figure6`'s rule: the 99.5th percentile of both
-    difference panels, so it does not change with ``inverse_choice``), then shown in ``image``.
+    recomputed). The figure (``grid``/``fig``, panels in ``panels[row][col]``) is drawn by
+    :func:`~kfac_lens.figures.comparisons.draw_figure6`, Figure 6's own code, in place (``set_data``)
+    with one shared white level (the 99.5th percentile of both difference panels, so it does not change
+    with ``inverse_choice``). A γ move changes only the images and the title, so only those are drawn
+    again over the saved rest of the figure (:meth:`~kfac_lens.figures.panels.PanelGrid.png`) before
+    the PNG goes to ``image``.
 
     ``metrics`` (also shown in ``table``): for F̆⁻¹, F̂⁻¹ and F̃⁻¹, the relative Frobenius error against
     F̃⁻¹ (overall and on the diagonal blocks) and the cosine of the direction F⁻¹∇h each gives with
@@ -112,16 +106,15 @@ class DampingExplorer(_Explorer):
     ):
         if not isinstance(study, CurvatureStudy):
             raise TypeError(
-                "DampingExplorer needs a kfac_lens.figures.CurvatureStudy (build one with "
+                "DampingExplorer needs a kfac_lens.study.CurvatureStudy (build one with "
                 "CurvatureStudy(model, X, y, likelihood, layers))."
             )
         self.study = study
         self.dpi = dpi
         lo, hi = (float(v) for v in gamma_range)
         lo, hi = min(lo, float(gamma)), max(hi, float(gamma))
-        self.fig, axes = _panel_grid(2, 3, panel_inches=panel_inches)
-        px = int(panel_inches * dpi)
-        self.panels = [[MatrixPanel(ax, max_pixels=px) for ax in row] for row in axes]
+        self.grid = PanelGrid.create(2, 3, panel_inches=panel_inches, max_pixels=int(panel_inches * dpi))
+        self.fig, self.panels = self.grid.figure, self.grid.panels
         self.gamma_slider = W.FloatLogSlider(
             value=float(gamma),
             base=10,
@@ -193,29 +186,16 @@ class DampingExplorer(_Explorer):
             return
         g = self.gamma
         st = self.study.subset(layers)
+        choice = self.inverse_choice.value
+        shown = [Inverse(c) for c in self.INVERSE_CHOICES[1:]] if choice == "both" else [Inverse(choice)]
         try:
-            ref = st.F_tilde_inverse(g)
-            inv = {"block-diagonal": st.blockdiag_inverse(g), "block-tridiagonal": st.tridiag_inverse(g)}
             metrics = st.damping_metrics(g)
+            t1 = time.perf_counter()
+            vmax = draw_figure6(self.grid, st, g, shown, title=lambda v: (  # no mathtext: parsed on every move
+                f"Figure 6 live: {st.name}, factored Tikhonov γ = {g:.3g}, white = {v:.3g}"))
         except (SingularFactorError, ValueError, RuntimeError) as e:  # torch.linalg errors are RuntimeErrors
             self.status.value = _error_html(f"γ = {g:.3g}: {e}")
             return
-        diffs = {name: ref - m for name, m in inv.items()}
-        vmax = shared_vmax(list(diffs.values()))
-        t1 = time.perf_counter()
-        choice = self.inverse_choice.value
-        shown = list(inv) if choice == "both" else [choice]
-        sym = {"block-diagonal": r"\breve F^{-1}", "block-tridiagonal": r"\hat F^{-1}"}
-        _show_rows(self.fig, [[p.ax for p in row] for row in self.panels], len(shown))
-        for r, row in enumerate(self.panels):
-            if r >= len(shown):
-                continue
-            name = shown[r]
-            titles = (r"$\tilde F^{-1}$", f"${sym[name]}$ ({name})", rf"$|\tilde F^{{-1}} - {sym[name]}|$")
-            for p, title, M in zip(row, titles, (ref, inv[name], diffs[name])):
-                p.set_title(title)
-                p.show(M, vmax, st.sizes, st.labels)
-        _suptitle(self.fig, f"Figure 6 live: {st.name}, factored Tikhonov γ = {g:.3g}, white = {vmax:.3g}")
         self.vmax = vmax
         self.metrics = metrics
         self.table.value = (
@@ -224,7 +204,7 @@ class DampingExplorer(_Explorer):
             f"(F + γ²I)⁻¹∇h; γ = {g:.3g}</small>" + _table_html(metrics)
         )
         t2 = time.perf_counter()
-        self.image.value = figure_png(self.fig, self.dpi)
+        self.image.value = self.grid.png(self.dpi)  # redraws only the images and the title on a γ move
         t3 = time.perf_counter()
         self.timings = {"compute_s": t1 - t0, "draw_s": t2 - t1, "render_s": t3 - t2, "total_s": t3 - t0}
         self.status.value = (
@@ -307,16 +287,12 @@ class FisherExplorer(_Explorer):
             raise ValueError("FisherExplorer needs at least one network.")
         self._studies: dict[str, CurvatureStudy] = {}
         self._updating = False
-        self.fig, axes = _panel_grid(1, 3, panel_inches=panel_inches)
         px = int(panel_inches * dpi)
-        self.panels = [
-            MatrixPanel(ax, t, max_pixels=px)
-            for ax, t in zip(axes[0], (r"exact $F$", r"$\tilde F$ (K-FAC)", r"$|F - \tilde F|$"))
-        ]
-        self._boxes: list[Rectangle] = []
-        self.cumulant_fig, self.cumulant_panels = cumulant_figure(panel_inches)
-        for p in self.cumulant_panels:
-            p.max_pixels = px
+        self.grid = PanelGrid.create(1, 3, panel_inches=panel_inches, max_pixels=px)
+        self.fig, self.panels = self.grid.figure, self.grid.panels[0]
+        self._boxes: list = []
+        self.cumulant_grid = cumulant_grid(panel_inches, max_pixels=px)
+        self.cumulant_fig, self.cumulant_panels = self.cumulant_grid.figure, self.cumulant_grid.panels[0]
         self.network_dropdown = W.Dropdown(options=list(self._entries), description="network")
         self.row_dropdown = W.Dropdown(description="block row")
         self.col_dropdown = W.Dropdown(description="block col")
@@ -390,14 +366,7 @@ class FisherExplorer(_Explorer):
             self.col_dropdown.value = l
         finally:
             self._updating = False
-        mats = [st.F, st.F_tilde, st.F - st.F_tilde]
-        vmax = shared_vmax(mats)
-        for p, M in zip(self.panels, mats):
-            p.show(M, vmax, st.sizes, st.labels)
-        _suptitle(
-            self.fig, f"{st.name}: exact F vs K-FAC's $\\tilde F$ (P = {st.n_params}, white = {vmax:.3g})"
-        )
-        self.vmax = vmax
+        self.vmax = draw_exact_vs_kfac(self.grid, st)
         self.timings["network_s"] = time.perf_counter() - t0
         self._show_block()
 
@@ -405,36 +374,24 @@ class FisherExplorer(_Explorer):
         t0 = time.perf_counter()
         st = self.study
         k, l = self.block
-        offs = dict(zip(st.layers, _offsets(st.sizes)))
-        size = dict(zip(st.layers, st.sizes))
+        where = dict(zip(st.layers, block_slices(st.sizes)))
         for box in self._boxes:
             box.remove()
-        self._boxes = []
-        for p in self.panels:
-            box = Rectangle(
-                (offs[l] - 0.5, offs[k] - 0.5), size[l], size[k], fill=False, ec="tab:cyan", lw=1.5
-            )
-            p.ax.add_patch(box)
-            self._boxes.append(box)
+        self._boxes = [p.outline(where[k], where[l]) for p in self.panels]
         try:
             terms = st.cumulants(k, l)
         except ValueError as e:
             self.status.value = _error_html(str(e))
             return
-        self.cumulant_vmax = draw_cumulants(self.cumulant_fig, self.cumulant_panels, terms)
-        sl_k = slice(offs[k], offs[k] + size[k])
-        sl_l = slice(offs[l], offs[l] + size[l])
-        F_b, Ft_b = st.F[sl_k, sl_l], st.F_tilde[sl_k, sl_l]
-        ref = float(F_b.norm())
+        self.cumulant_vmax = draw_cumulants(self.cumulant_grid, terms)
+        err = st.block_errors_of_F_tilde(k, l)
         summary = terms.summary().set_index("term")[["frobenius", "relative_to_difference"]]
         head = pd.DataFrame(
-            {"frobenius": [ref, float((F_b - Ft_b).norm())], "relative_to_difference": [float("nan"), 1.0]},
+            {"frobenius": [err["F"], err["difference"]], "relative_to_difference": [float("nan"), 1.0]},
             index=["F block", "F − F̃ block"],
         )
         metrics = pd.concat([head, summary.drop(index="difference")])
-        metrics.attrs.update(
-            block=(k, l), rel_error_F_tilde=float((F_b - Ft_b).norm()) / ref if ref else float("nan")
-        )
+        metrics.attrs.update(block=(k, l), rel_error_F_tilde=err["rel_error"])
         self.metrics = metrics
         rel = metrics.attrs["rel_error_F_tilde"]
         self.table.value = (
@@ -481,7 +438,7 @@ class RescalingExplorer(_Explorer):
         self.status = W.HTML()
         self.fig = Figure(figsize=(8.6, 4.2), layout="constrained")  # wide: draw_figure7's legend is outside
         self.ax = self.fig.add_subplot(1, 1, 1)
-        self._cache: dict = {}
+        self._cache = SweepCache()
         self.data: pd.DataFrame | None = None
         self.lines: dict = {}
         self.timings: dict[str, float] = {}
@@ -499,12 +456,9 @@ class RescalingExplorer(_Explorer):
 
     @property
     def variants(self) -> list[str]:
-        from .optim import KFAC
-        names = list(KFAC.VARIANTS)
-        return names if self.momentum_toggle.value else [v for v in names if "momentum" not in v or "no" in v]
+        return [v.value for v in variants_shown(self.momentum_toggle.value)]
 
     def update(self) -> None:
-        from .figures import draw_figure7, figure7_data
         t0 = time.perf_counter()
         lam = float(self.lambda_slider.value)
         try:

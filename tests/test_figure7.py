@@ -8,8 +8,9 @@ import torch
 
 from kfac_lens import zoo
 from kfac_lens.data import load_digits
-from kfac_lens.figures import draw_figure7, figure7, figure7_gammas
+from kfac_lens.figures import draw_figure7, figure7
 from kfac_lens.optim import KFAC, train
+from kfac_lens.sweep import UpdateVariant, figure7_gammas
 from kfac_lens.widgets import RescalingExplorer
 
 pytestmark = pytest.mark.usefixtures("agg_backend")
@@ -38,7 +39,7 @@ def test_figure7_curves_match_independent_proposals(trained):
     assert set(df["variant"]) == set(VARIANTS) and sorted(set(df["gamma"])) == gammas
     # every point equals KFAC.propose at that γ (a separate code path: it recomputes ∇h and the inverse)
     for _, row in df.iterrows():
-        rescale, momentum = KFAC.VARIANTS[row["variant"]]
+        rescale, momentum = UpdateVariant(row["variant"]).rescale, UpdateVariant(row["variant"]).momentum
         p = opt.propose(X, X, gamma=row["gamma"], rescale=rescale, momentum=momentum)
         assert row["improvement"] == pytest.approx(p.improvement, rel=1e-4, abs=1e-6)
         assert row["alpha"] == pytest.approx(p.alpha, rel=1e-4)

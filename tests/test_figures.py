@@ -14,7 +14,8 @@ from torch import nn
 
 import kfac_lens as kl
 from kfac_lens import figures as kf
-from kfac_lens.figures import CurvatureStudy
+from kfac_lens.curvature.blocks import neighbour_share_chance
+from kfac_lens.study import CurvatureStudy
 from digits_nets import digits, tanh_net, trained_net
 
 LAYERS = [1, 2, 3]
@@ -34,8 +35,8 @@ def study(net):
     return CurvatureStudy(model, X, y, "categorical", layers=LAYERS, name="tiny digits")
 
 
-def panel_data(fig):
-    return [p.image.get_array().data for p in fig.kfac_panels]
+def panel_data(drawn):
+    return [p.image.get_array().data for p in drawn.panels]
 
 
 def assert_abs_equal(data, M, tol=1e-12):
@@ -44,10 +45,10 @@ def assert_abs_equal(data, M, tol=1e-12):
     np.testing.assert_allclose(data, np.abs(M), rtol=0, atol=tol * max(1.0, float(np.abs(M).max())))
 
 
-def assert_display_rules(fig, vmax):
-    clims = {p.image.get_clim() for p in fig.kfac_panels}
+def assert_display_rules(drawn, vmax):
+    clims = {p.image.get_clim() for p in drawn.panels}
     assert clims == {(0.0, vmax)}, "one shared white level, vmin = 0"
-    for p in fig.kfac_panels:
+    for p in drawn.panels:
         assert p.image.get_cmap().name == "gray"
         assert np.isfinite(p.image.get_array()).all(), "no NaN in any panel"
 
@@ -138,9 +139,10 @@ def test_subset_shares_the_precomputation(net, study):
 
 # ------------------------------------------------------------ Figure 5
 def test_figure5(study):
-    fig, df = kf.figure5(study)
+    drawn = kf.figure5(study)
+    fig, df = drawn
     # 6 comparison panels + the zoom of |F̃ − F̂| + the text axes beside it (colourbars are insets)
-    assert isinstance(fig, Figure) and len(fig.axes) == 8 and len(fig.kfac_panels) == 6
+    assert isinstance(fig, Figure) and len(fig.axes) == 8 and len(drawn.panels) == 6
     assert {
         "comparison",
         "block_row",
@@ -154,13 +156,13 @@ def test_figure5(study):
     } <= set(df.columns)
     assert df.attrs["gamma"] == 0.0 and not df.attrs["gamma_fallback"]
     vmax = df.attrs["vmax"]
-    assert (df["vmax"] == vmax).all() and fig.kfac_lens["vmax"] == vmax and vmax > 0
-    assert_display_rules(fig, vmax)
+    assert (df["vmax"] == vmax).all() and drawn.meta["vmax"] == vmax and vmax > 0
+    assert_display_rules(drawn, vmax)
     Ft = study.F_tilde
     mask = torch.block_diag(*[torch.ones(s, s, dtype=torch.float64) for s in study.sizes])
     F_breve = Ft * mask
     F_hat = torch.linalg.inv(kl.block_tridiagonal_inverse(study.factors, 0.0).dense())
-    data = panel_data(fig)
+    data = panel_data(drawn)
     for i, M in enumerate([Ft, F_breve, Ft - F_breve, Ft, F_hat, Ft - F_hat]):
         assert_abs_equal(data[i], M, tol=1e-9)
     # F̆ keeps the diagonal blocks exactly, F̂ the tridiagonal ones (to rounding)
@@ -175,8 +177,9 @@ def test_figure5(study):
 
 
 def test_figure5_zoom_shows_the_off_tridiagonal_error_at_its_own_level(study):
-    fig, df = kf.figure5(study)
-    zoom = fig.kfac_zoom_panel
+    drawn = kf.figure5(study)
+    fig, df = drawn
+    zoom = drawn.zoom_panel
     F_hat = study.tridiag_approximation(0.0)
     D = study.F_tilde - F_hat
     assert_abs_equal(zoom.image.get_array().data, D, tol=1e-12)
@@ -189,8 +192,8 @@ def test_figure5_zoom_shows_the_off_tridiagonal_error_at_its_own_level(study):
     # far finer than the shared level, at which the same panel is (nearly) all black
     assert df.attrs["zoom_vmax"] < 0.5 * df.attrs["vmax"]
     assert float(np.percentile(zoom.data[: s[0], s[0] + s[1]:], 50)) > 0.05 * df.attrs["zoom_vmax"]
-    assert kf._fmt(df.attrs["zoom_vmax"]) in zoom.ax.get_title()
-    assert kf._fmt(df.attrs["zoom_vmax"]) in fig._suptitle.get_text()
+    assert kf.fmt_level(df.attrs["zoom_vmax"]) in zoom.ax.get_title()
+    assert kf.fmt_level(df.attrs["zoom_vmax"]) in fig._suptitle.get_text()
     # the notes beside it quote F̂'s relative error on that block, from the DataFrame
     hat = df[df.comparison.str.startswith("F̂") & (df.kind == "off-tridiagonal")]
     notes = "".join(t.get_text() for ax in fig.axes for t in ax.texts)
@@ -201,24 +204,26 @@ def test_figure5_falls_back_to_a_tiny_gamma_when_singular():
     X, y = digits(5)  # 5 cases: the 9×9 Ā factors have rank ≤ 6
     model = tanh_net([64, 8, 8, 8, 10])
     st = CurvatureStudy(model, X, y, layers=[1, 2])
-    fig, df = kf.figure5(st)
+    drawn = kf.figure5(st)
+    fig, df = drawn
     assert df.attrs["gamma_fallback"] and df.attrs["gamma"] > 0
     assert "fallback" in fig._suptitle.get_text()
-    assert all(np.isfinite(d).all() for d in panel_data(fig))
+    assert all(np.isfinite(d).all() for d in panel_data(drawn))
 
 
 # ------------------------------------------------------------ Figure 6
 @pytest.mark.parametrize("gamma", [1e-3, 3e-2])
 def test_figure6(study, gamma):
-    fig, df = kf.figure6(study, gamma)
+    drawn = kf.figure6(study, gamma)
+    fig, df = drawn
     assert len(fig.axes) == 6
     assert {"comparison", "kind", "rel_error", "gamma", "vmax"} <= set(df.columns)
     vmax = df.attrs["vmax"]
-    assert_display_rules(fig, vmax)
+    assert_display_rules(drawn, vmax)
     ref = torch.linalg.inv(study.factors.damped(gamma).dense())  # F̃⁻¹ = inverse of the DAMPED F̃
     breve = kl.block_diagonal_inverse(study.factors, gamma).dense()
     hat = kl.block_tridiagonal_inverse(study.factors, gamma).dense()
-    data = panel_data(fig)
+    data = panel_data(drawn)
     for i, M in enumerate([ref, breve, ref - breve, ref, hat, ref - hat]):
         assert_abs_equal(data[i], M, tol=1e-8)
     err = df.set_index(["comparison", "kind"])["rel_error"]
@@ -237,20 +242,22 @@ def test_figure6_singular_at_zero_gamma_raises_clearly():
 
 # ------------------------------------------------------------ companions
 def test_figure_exact_vs_kfac(study):
-    fig, df = kf.figure_exact_vs_kfac(study)
+    drawn = kf.figure_exact_vs_kfac(study)
+    fig, df = drawn
     assert len(fig.axes) == 3
     assert {"comparison", "block_row", "block_col", "kind", "rel_error", "vmax"} <= set(df.columns)
-    assert_display_rules(fig, df.attrs["vmax"])
-    for d, M in zip(panel_data(fig), [study.F, study.F_tilde, study.F - study.F_tilde]):
+    assert_display_rules(drawn, df.attrs["vmax"])
+    for d, M in zip(panel_data(drawn), [study.F, study.F_tilde, study.F - study.F_tilde]):
         assert_abs_equal(d, M)
     # block boundaries: one line per inner edge and axis, ticks named after the layers
-    ax = fig.kfac_panels[0].ax
-    assert len(fig.kfac_panels[0].lines) == 2 * (len(LAYERS) - 1)
+    ax = drawn.panels[0].ax
+    assert len(drawn.panels[0].lines) == 2 * (len(LAYERS) - 1)
     assert [t.get_text() for t in ax.get_xticklabels(minor=True)] == ["W2", "W3", "W4"]
 
 
 def test_figure_inverse_structure(study):
-    fig, df = kf.figure_inverse_structure(study, 0.01)
+    drawn = kf.figure_inverse_structure(study, 0.01)
+    fig, df = drawn
     assert len(fig.axes) == 2
     assert list(df["matrix"]) == ["F̃", "F̃ (damped)", "F̃⁻¹ (damped F̃)"]
     cols = ["diagonal_mass", "neighbour_mass", "off_tridiagonal_mass"]
@@ -261,29 +268,30 @@ def test_figure_inverse_structure(study):
     # the title states what the numbers show, computed from them (not a fixed claim)
     title = fig._suptitle.get_text()
     assert "nearly block-tridiagonal" not in title
-    assert kf._pct(inv["diagonal_mass"]) in title
-    assert kf._pct(inv["neighbour_share_of_off_diagonal"]) in title
-    assert kf._pct(kf.neighbour_share_chance(study.sizes)) in title and "chance" in title
-    assert kf._pct(df.iloc[0]["neighbour_share_of_off_diagonal"]) in title
+    assert kf.percent(inv["diagonal_mass"]) in title
+    assert kf.percent(inv["neighbour_share_of_off_diagonal"]) in title
+    assert kf.percent(neighbour_share_chance(study.sizes)) in title and "chance" in title
+    assert kf.percent(df.iloc[0]["neighbour_share_of_off_diagonal"]) in title
     np.testing.assert_allclose(df["neighbour_share_chance"], 2 / 3)  # 3 equal blocks: 4 of 6 pairs
-    assert_abs_equal(panel_data(fig)[1], study.F_tilde_inverse(0.01), tol=1e-10)
-    assert all(np.isfinite(d).all() for d in panel_data(fig))
+    assert_abs_equal(panel_data(drawn)[1], study.F_tilde_inverse(0.01), tol=1e-10)
+    assert all(np.isfinite(d).all() for d in panel_data(drawn))
 
 
 def test_figure_cumulants(net, study):
     model, X, _y = net
-    fig, df = kf.figure_cumulants(model, X, "categorical", 1, 2)
+    drawn = kf.figure_cumulants(model, X, "categorical", 1, 2)
+    fig, df = drawn
     assert len(fig.axes) == 5
     assert {"term", "frobenius", "relative_to_difference", "vmax"} <= set(df.columns)
     terms = kl.cumulant_terms(model, X, "categorical", 1, 2)
     names = ["difference", "kappa4", "mean_a1_kappa3", "mean_a2_kappa3", "residual"]
-    for d, name in zip(panel_data(fig), names):
+    for d, name in zip(panel_data(drawn), names):
         assert_abs_equal(d, terms.as_block(name))
-    assert_display_rules(fig, df.attrs["vmax"])
+    assert_display_rules(drawn, df.attrs["vmax"])
     assert df.set_index("term").loc["residual", "relative_to_difference"] < 1e-8
     # F − F̃ panel is that block of F − F̃
     sl = kl.NetworkView(model).block_slices(LAYERS)
-    assert_abs_equal(panel_data(fig)[0], (study.F - study.F_tilde)[sl[0], sl[1]], tol=1e-10)
+    assert_abs_equal(panel_data(drawn)[0], (study.F - study.F_tilde)[sl[0], sl[1]], tol=1e-10)
     # a study can stand in for (model, X, likelihood), using its cache
     _fig2, df2 = kf.figure_cumulants(study, None, None, 1, 2)
     np.testing.assert_allclose(df2["frobenius"], df["frobenius"])
@@ -293,11 +301,13 @@ def test_figure_training_curves():
     it = np.arange(1, 21)
     h1 = pd.DataFrame({"iteration": it, "time": it * 0.1, "loss": 1.0 / it})
     h2 = pd.DataFrame({"iteration": it, "time": it * 0.3, "loss": 2.0 / it})
-    fig, df = kf.figure_training_curves({"kfac": h1, "sgd": h2})
+    drawn = kf.figure_training_curves({"kfac": h1, "sgd": h2})
+    fig, df = drawn
     assert len(fig.axes) == 2 and all(ax.get_yscale() == "log" for ax in fig.axes)
     assert len(fig.axes[0].lines) == 2 and set(df["run"]) == {"kfac", "sgd"}
     np.testing.assert_allclose(fig.axes[1].lines[1].get_xdata(), h2["time"])
-    fig, _ = kf.figure_training_curves({"kfac": h1.assign(error=0.5 / it)})
+    drawn = kf.figure_training_curves({"kfac": h1.assign(error=0.5 / it)})
+    fig, _ = drawn
     assert len(fig.axes) == 4
     with pytest.raises(ValueError, match="time"):
         kf.figure_training_curves({"bad": h1.drop(columns="time")})
@@ -309,8 +319,9 @@ def test_training_curves_have_a_cases_axis_and_define_the_error():
                        "batch_size": np.minimum(10 * it, 100), "error": np.where(it % 5 == 0, 0.5 / it, np.nan)})
     h2 = pd.DataFrame({"iteration": it, "time": it * 0.3, "loss": 2.0 / it, "batch_size": 50,
                        "error": np.where(it % 10 == 0, 1.0 / it, np.nan)})
-    fig, df = kf.figure_training_curves({"kfac": h1, "sgd": h2}, network="autoencoder 64-8-64",
-                                        data="digits", preset="quick", likelihood="bernoulli")
+    drawn = kf.figure_training_curves({"kfac": h1, "sgd": h2}, network="autoencoder 64-8-64",
+                                      data="digits", preset="quick", likelihood="bernoulli")
+    fig, df = drawn
     assert len(fig.axes) == 6  # 2 rows (loss, error) × 3 columns (iteration, cases processed, time)
     xlabels = [ax.get_xlabel() for ax in fig.axes]
     assert sum("cases processed" in x for x in xlabels) == 2
@@ -327,7 +338,7 @@ def test_training_curves_have_a_cases_axis_and_define_the_error():
     for word in ("autoencoder 64-8-64", "digits", "quick", "loss:", "error:", "squared reconstruction error"):
         assert word in title
     assert any("squared reconstruction error" in ax.get_ylabel() for ax in fig.axes)
-    assert fig.kfac_lens["error_definition"][0] == "squared reconstruction error per case"
+    assert drawn.meta["error_definition"][0] == "squared reconstruction error per case"
     # the CLI's labels for the zoo comparison name the network, data and preset
     kw = kf.training_comparison_labels("quick", "mnist")
     assert kw["network"] == "autoencoder 784-250-100-30-100-250-784" and kw["likelihood"] == "bernoulli"
@@ -395,7 +406,8 @@ def test_figure7_symlog_legend_outside_and_values_on_a_tiny_autoencoder():
         gammas = [1e-8, 1e-3, 1e-1, 10.0]  # float32 K-FAC refuses γ = 1e-8 (and even float64 does)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "nearly singular" at γ = 1e-3
-            fig, df = kf.figure7(opt, X, X, gammas)
+            drawn = kf.figure7(opt, X, X, gammas)
+            fig, df = drawn
             _, df32 = kf.figure7(opt, X, X, gammas, dtype=None)
     finally:
         torch.set_num_threads(threads)
@@ -424,15 +436,16 @@ def test_figure7_symlog_legend_outside_and_values_on_a_tiny_autoencoder():
 @pytest.mark.parametrize("which", ["figure5", "figure6", "exact", "inverse", "cumulants"])
 def test_every_matrix_panel_has_a_colorbar_and_a_stated_white_level(net, study, which):
     model, X, _y = net
-    fig, df = {
+    drawn = {
         "figure5": lambda: kf.figure5(study),
         "figure6": lambda: kf.figure6(study, 0.01),
         "exact": lambda: kf.figure_exact_vs_kfac(study),
         "inverse": lambda: kf.figure_inverse_structure(study, 0.01),
         "cumulants": lambda: kf.figure_cumulants(model, X, "categorical", 1, 2),
     }[which]()
-    panels = fig.kfac_matrix_panels
-    assert set(map(id, fig.kfac_panels)) <= set(map(id, panels))
+    fig, df = drawn
+    panels = drawn.matrix_panels
+    assert set(map(id, drawn.panels)) <= set(map(id, panels))
     # every image in the figure belongs to one of these panels
     images = [im for ax in fig.axes for im in ax.get_images()]
     assert {id(im) for im in images} == {id(p.image) for p in panels}
@@ -441,7 +454,7 @@ def test_every_matrix_panel_has_a_colorbar_and_a_stated_white_level(net, study, 
         white = p.image.get_clim()[1]
         assert p.colorbar is not None and p.colorbar.mappable is p.image
         assert p.colorbar.vmin == 0.0 and p.colorbar.vmax == pytest.approx(white)
-        assert kf._fmt(white) in p.ax.get_title() or kf._fmt(white) in suptitle
+        assert kf.fmt_level(white) in p.ax.get_title() or kf.fmt_level(white) in suptitle
         # the colourbar sits right of its panel, outside it
         fig.draw_without_rendering()
         assert p.colorbar.ax.get_window_extent().x0 >= p.ax.get_window_extent().x1
@@ -471,7 +484,8 @@ def test_shared_vmax_and_pooling():
 
 
 def test_save_figure(tmp_path, study):
-    fig, _ = kf.figure_exact_vs_kfac(study)
+    drawn = kf.figure_exact_vs_kfac(study)
+    fig, _ = drawn
     path = kf.save_figure(fig, tmp_path / "deep" / "dir" / "fig.png", dpi=50)
     assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = matplotlib.image.imread(path)

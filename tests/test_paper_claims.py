@@ -10,6 +10,8 @@ import pytest
 
 from kfac_lens import figures as F
 from kfac_lens import zoo
+from kfac_lens.study import CurvatureStudy
+from kfac_lens.sweep import figure7_gammas
 
 pytestmark = [pytest.mark.paper, pytest.mark.usefixtures("agg_backend")]
 
@@ -18,7 +20,7 @@ pytestmark = [pytest.mark.paper, pytest.mark.usefixtures("agg_backend")]
 def example():
     entry = zoo.example_network("quick", "mnist", progress=False)
     n = zoo.EXAMPLE_ANALYSIS_CASES["quick"]
-    study = F.CurvatureStudy(entry.model, entry.X[:n], entry.y[:n], "categorical", layers=[1, 2, 3, 4])
+    study = CurvatureStudy(entry.model, entry.X[:n], entry.y[:n], "categorical", layers=[1, 2, 3, 4])
     return entry, study
 
 
@@ -58,7 +60,7 @@ def test_claim_rescaling_keeps_the_improvement_positive_where_raw_delta_fails():
     """Appendix E.4 / Figure 7: where the raw Δ makes h worse, the re-scaled update still improves it."""
     entry = zoo.autoencoder("quick", "mnist", progress=False)
     X, y = entry.X[:2000], entry.y[:2000]
-    _, df = F.figure7(entry.optimizer, X, y, F.figure7_gammas(entry.gamma, 4, 2, 7))
+    _, df = F.figure7(entry.optimizer, X, y, figure7_gammas(entry.gamma, 4, 2, 7))
     piv = df.pivot(index="gamma", columns="variant", values="improvement")
     bad = piv["raw Δ (no re-scaling)"] < 0
     assert bad.sum() >= 3, "the raw Δ should make h worse at small γ (Figure 7)"

@@ -10,7 +10,7 @@ import torch
 
 import kfac_lens as kl
 from kfac_lens import figures as kf
-from kfac_lens.figures import CurvatureStudy
+from kfac_lens.study import CurvatureStudy
 from digits_nets import digits, trained_net
 from kfac_lens.widgets import DampingExplorer, FisherExplorer, figure_png
 
@@ -190,3 +190,20 @@ def test_fisher_explorer_from_model(net):
     assert "application/vnd.jupyter.widget-view+json" in ex._repr_mimebundle_()
     with pytest.raises(ValueError, match="X"):
         FisherExplorer(model)
+
+
+def test_gamma_move_redraws_only_what_moved(study):
+    """A γ move draws the images and the title over the saved frame: the PNG equals a full redraw's."""
+    import io
+
+    from PIL import Image
+
+    ex = DampingExplorer(study, gamma=1e-2)
+    for choice, gamma in (("both", 0.1), ("block-tridiagonal", 0.1), ("block-tridiagonal", 0.3)):
+        ex.inverse_choice.value = choice
+        ex.gamma_slider.value = gamma  # with the frame unchanged only the images, block lines and title are drawn
+        fast = bytes(ex.image.value)
+        ex.grid._background = None  # forget the saved frame: the next render draws everything
+        full = ex.grid.png(ex.dpi)
+        pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in (fast, full)]
+        np.testing.assert_array_equal(pixels[0], pixels[1])

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 
+from .blocks import BlockKind, block_pairs
+
 
 def _rel(diff: torch.Tensor, ref: torch.Tensor) -> float:
     r = float(ref.norm())
@@ -30,19 +32,13 @@ def block_errors(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int],
     if approx.shape != ref.shape or approx.shape[0] != sum(sizes):
         raise ValueError(f"shapes {tuple(approx.shape)} and {tuple(ref.shape)} must both be P×P with P = {sum(sizes)}.")
     labels = list(range(len(sizes))) if labels is None else list(labels)
-    offs = [0]
-    for s in sizes:
-        offs.append(offs[-1] + s)
     diff = approx - ref
     rows = [{"comparison": name, "block_row": "all", "block_col": "all", "kind": "overall",
              "rel_error": _rel(diff, ref), "abs_error": float(diff.norm()), "ref_norm": float(ref.norm())}]
-    for i in range(len(sizes)):
-        for j in range(len(sizes)):
-            bi, bj = slice(offs[i], offs[i + 1]), slice(offs[j], offs[j + 1])
-            kind = "diagonal" if i == j else ("tridiagonal" if abs(i - j) == 1 else "off-tridiagonal")
-            rows.append({"comparison": name, "block_row": labels[i], "block_col": labels[j], "kind": kind,
-                         "rel_error": _rel(diff[bi, bj], ref[bi, bj]), "abs_error": float(diff[bi, bj].norm()),
-                         "ref_norm": float(ref[bi, bj].norm())})
+    for i, j, bi, bj, kind in block_pairs(sizes):
+        rows.append({"comparison": name, "block_row": labels[i], "block_col": labels[j], "kind": kind.value,
+                     "rel_error": _rel(diff[bi, bj], ref[bi, bj]), "abs_error": float(diff[bi, bj].norm()),
+                     "ref_norm": float(ref[bi, bj].norm())})
     return pd.DataFrame(rows)
 
 
@@ -52,26 +48,20 @@ def error_by_kind(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int],
 
     Computed from per-block sums of squares (no P×P masks); ``diff`` may pass a precomputed approx − ref.
     """
-    offs = [0]
-    for s in sizes:
-        offs.append(offs[-1] + s)
     n = len(sizes)
     d = approx - ref if diff is None else diff
-    num = {"diagonal": 0.0, "tridiagonal": 0.0, "off-tridiagonal": 0.0}
-    den = dict.fromkeys(num, 0.0)
-    for i in range(n):
-        for j in range(n):
-            bi, bj = slice(offs[i], offs[i + 1]), slice(offs[j], offs[j + 1])
-            kind = "diagonal" if i == j else ("tridiagonal" if abs(i - j) == 1 else "off-tridiagonal")
-            num[kind] += float(d[bi, bj].square().sum())
-            den[kind] += float(ref[bi, bj].square().sum())
+    num = dict.fromkeys(BlockKind, 0.0)
+    den = dict.fromkeys(BlockKind, 0.0)
+    for _i, _j, bi, bj, kind in block_pairs(sizes):
+        num[kind] += float(d[bi, bj].square().sum())
+        den[kind] += float(ref[bi, bj].square().sum())
 
     def rel(a, b):
         return math.sqrt(a) / math.sqrt(b) if b > 0 else float("nan")
 
     rows = [{"comparison": name, "kind": "overall", "rel_error": rel(sum(num.values()), sum(den.values()))}]
-    present = {"diagonal": n >= 1, "tridiagonal": n >= 2, "off-tridiagonal": n >= 3}
-    rows += [{"comparison": name, "kind": k, "rel_error": rel(num[k], den[k])} for k in num if present[k]]
+    present = {BlockKind.DIAGONAL: n >= 1, BlockKind.TRIDIAGONAL: n >= 2, BlockKind.OFF_TRIDIAGONAL: n >= 3}
+    rows += [{"comparison": name, "kind": k.value, "rel_error": rel(num[k], den[k])} for k in num if present[k]]
     return pd.DataFrame(rows)
 
 

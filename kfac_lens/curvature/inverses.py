@@ -18,9 +18,10 @@ import math
 import torch
 
 from ..memory import check_dense_fits
+from .blocks import block_offsets
 from .damping import check_gamma
 from .factors import KroneckerFactors
-from .operators import BlockOperator, PDFactor, SymmetricEig, check_condition, cond1
+from .operators import BlockOperator, PDFactor, SymmetricEig, check_condition, cond1, spd_inverse
 
 NEIGHBOURS = ("network", "selected")
 
@@ -204,9 +205,7 @@ class BlockTridiagonalInverse(BlockOperator):
         P = self.n_params
         check_dense_fits(P, ref.dtype, ref.device, max_bytes=max_bytes, what="dense F̂⁻¹")
         sizes = [r * c for r, c in self.shapes]
-        offs = [0]
-        for s in sizes:
-            offs.append(offs[-1] + s)
+        offs = block_offsets(sizes)
         lam = [s.dense() for s in self.sigma_inv] + [torch.kron(self.A_inv[-1], self.G_inv[-1])]
         psi = [torch.kron(pa, pg) for pa, pg in zip(self.psi_A, self.psi_G)]
         out = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
@@ -216,20 +215,17 @@ class BlockTridiagonalInverse(BlockOperator):
             diag = lam[i].clone()
             if i > 0:
                 diag += psi[i - 1].T @ lam[i - 1] @ psi[i - 1]
-            out[bi, bi] = diag
+            out[bi, bi] = 0.5 * (diag + diag.T)  # the off-diagonal blocks are each other's transposes already
             if i < n - 1:
                 bj = slice(offs[i + 1], offs[i + 2])
                 off = -lam[i] @ psi[i]
                 out[bi, bj] = off
                 out[bj, bi] = off.T
-        return 0.5 * (out + out.T)
+        return out
 
     def dense_approximation(self, max_bytes=None) -> torch.Tensor:
         """F̂ itself: the inverse of :meth:`dense` (it matches the damped F̃ on the tridiagonal blocks)."""
-        M = self.dense(max_bytes=max_bytes)
-        L = torch.linalg.cholesky(M)
-        out = torch.cholesky_inverse(L)
-        return 0.5 * (out + out.T)
+        return spd_inverse(self.dense(max_bytes=max_bytes), f"F̂⁻¹ (γ={self.gamma:g})")
 
 
 def block_diagonal_inverse(factors: KroneckerFactors, gamma: float, layers=None, pi="trace"):

@@ -70,6 +70,33 @@ def cond1(M: torch.Tensor, M_inv: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(M, 1) * torch.linalg.matrix_norm(M_inv, 1))
 
 
+SPD_WAY_OUT = "Pass gamma > 0 or a larger gamma (factored Tikhonov damping, Appendix E.3)."
+
+
+def spd_cholesky(M: torch.Tensor, what: str, way_out: str = SPD_WAY_OUT) -> torch.Tensor:
+    """The Cholesky factor L (``M = L Lᵀ``) of the symmetric part of a dense positive-definite M.
+
+    Raises :class:`SingularFactorError` naming ``what`` and ending with ``way_out`` when M is not
+    positive definite. The one dense SPD factorisation of the package: :func:`spd_inverse` and the
+    dense comparisons (:mod:`.quality`) go through it.
+    """
+    L, info = torch.linalg.cholesky_ex(0.5 * (M + M.T))
+    if int(info) != 0:
+        raise SingularFactorError(
+            f"{what} is not positive definite (Cholesky failed at column {int(info)}), so it cannot be "
+            f"inverted. {way_out}"
+        )
+    return L
+
+
+def spd_inverse(M: torch.Tensor, what: str, way_out: str = SPD_WAY_OUT) -> torch.Tensor:
+    """``M⁻¹`` of a dense symmetric positive-definite M by Cholesky (:func:`spd_cholesky`).
+
+    ``torch.cholesky_inverse`` fills both triangles from one, so the result is exactly symmetric.
+    """
+    return torch.cholesky_inverse(spd_cholesky(M, what, way_out))
+
+
 class SymmetricEig:
     """Eigendecomposition ``M = E diag(s) Eᵀ`` of a symmetric PSD factor, with inverse and inverse root.
 

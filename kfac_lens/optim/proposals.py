@@ -35,6 +35,20 @@ class Proposal:
 
 
 @dataclass
+class ProposalCache:
+    """What :meth:`KFAC.proposals <kfac_lens.optim.kfac.KFAC.proposals>` keeps between calls on the same
+    (x, y): the gradient pass, h(θ), the shared eigendecomposition of the factors and, per γ, Δ and the
+    Gram matrices of M on span{Δ, δ₀}."""
+
+    gradient: tuple | None = None
+    h0: float | None = None
+    eigs: dict | None = None
+    eigs_ready: bool = False
+    directions: dict[float, list[torch.Tensor]] = field(default_factory=dict)
+    grams: dict[float, tuple] = field(default_factory=dict)
+
+
+@dataclass
 class FactorEig:
     """A symmetric factor ``E diag(s) Eᵀ``."""
 

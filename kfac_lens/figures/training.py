@@ -1,0 +1,168 @@
+"""Training curves: loss and error against iterations, training cases processed and time (Section 13).
+
+:func:`draw_training_curves` draws the histories that :func:`kfac_lens.optim.train` records on a
+Figure; :func:`figure_training_curves` makes the CLI's figure from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
+
+from .panels import DrawnFigure
+
+__all__ = [
+    "TRAINING_ERROR_DEFINITIONS",
+    "TRAINING_LOSS_DEFINITION",
+    "TrainingLabels",
+    "draw_training_curves",
+    "figure_training_curves",
+    "training_comparison_labels",
+]
+
+TRAINING_ERROR_DEFINITIONS = {
+    # what kfac_lens.optim.train's `evaluate` records as "error" for each likelihood
+    "bernoulli": ("squared reconstruction error per case", r"$\sum_i (\sigma(z_i) - y_i)^2$, mean over cases"),
+    "gaussian": ("squared error per case", r"$\sum_i (z_i - y_i)^2$, mean over cases"),
+    "categorical": ("classification error rate", "fraction of cases with argmax z ≠ y"),
+}
+TRAINING_LOSS_DEFINITION = "mean negative log-likelihood per case on the iteration's mini-batch, before the update"
+
+
+def training_layout(histories: Mapping[str, pd.DataFrame]) -> tuple[bool, list[tuple[str, str]]]:
+    """Whether the histories hold an error row, and the x axes (column, label) of the curves."""
+    has_error = any("error" in h.columns and h["error"].notna().any() for h in histories.values())
+    xaxes = [("iteration", "iteration")]
+    if any("batch_size" in h.columns for h in histories.values()):
+        xaxes.append(("cases_processed", "training cases processed\n(cumulative mini-batch sizes)"))
+    xaxes.append(("time", "optimizer time (s)"))
+    return has_error, xaxes
+
+
+@dataclass(frozen=True)
+class TrainingLabels:
+    """What the training figure names: its first title line (``title``, else built from ``network``,
+    ``data`` and ``preset``) and the ``likelihood`` whose error the histories record."""
+
+    title: str | None = None
+    network: str | None = None
+    data: str | None = None
+    preset: str | None = None
+    likelihood: str | None = None
+
+    def head(self) -> str:
+        if self.title is not None:
+            return self.title
+        what = ", ".join(x for x in (
+            self.network,
+            f"{self.data} training set" if self.data else None,
+            f"preset {self.preset!r}" if self.preset else None,
+        ) if x)
+        return "Training curves" + (f": {what}" if what else "")
+
+
+def draw_training_curves(fig: Figure, histories: Mapping[str, pd.DataFrame],
+                         labels: TrainingLabels = TrainingLabels()) -> pd.DataFrame:
+    """Draw the curves of :func:`figure_training_curves` on ``fig``; returns the stacked histories."""
+    if not histories:
+        raise ValueError("figure_training_curves needs at least one history DataFrame.")
+    for name, h in histories.items():
+        missing = {"iteration", "time", "loss"} - set(h.columns)
+        if missing:
+            raise ValueError(
+                f"history {name!r} lacks column(s) {sorted(missing)}; "
+                "need iteration, time (seconds), loss and optionally error and batch_size."
+            )
+    histories = {
+        name: (h.assign(cases_processed=h["batch_size"].astype(float).cumsum()) if "batch_size" in h.columns else h)
+        for name, h in histories.items()
+    }
+    has_error, xaxes = training_layout(histories)
+    n_rows, n_cols = (2 if has_error else 1), len(xaxes)
+    err_short, err_formula = error_definition(labels.likelihood)
+    ylabels = {
+        "loss": "training loss\n(mini-batch NLL per case)",
+        "error": f"training-set error\n({err_short})",
+    }
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r, col in enumerate(["loss", "error"][:n_rows]):
+        for c, (xcol, xlabel) in enumerate(xaxes):
+            ax = axes[r, c]
+            for name, h in histories.items():
+                if col in h.columns and xcol in h.columns:
+                    vals = h[col].astype(float)
+                    ok = vals > 0
+                    ax.plot(h[xcol][ok], vals[ok], label=str(name), lw=1.3)
+            ax.set_yscale("log")
+            if xcol == "iteration":
+                ax.set_xscale("log")  # first-order methods take many more (cheaper) iterations
+            elif xcol == "cases_processed":
+                ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1M: no offset text on the label
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabels[col])
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    lines = [labels.head(), f"loss: {TRAINING_LOSS_DEFINITION}"]
+    if has_error:
+        lines.append(f"error: {err_short}" + (f" = {err_formula}" if err_formula else "")
+                     + ", on the whole training set every few iterations")
+    fig.suptitle("\n".join(lines), fontsize=10)
+    return pd.concat([h.assign(run=name) for name, h in histories.items()], ignore_index=True)
+
+
+def error_definition(likelihood: str | None) -> tuple[str, str]:
+    """(short name, formula) of the error the training loop records for ``likelihood``."""
+    lik = None if likelihood is None else str(likelihood).lower()
+    return TRAINING_ERROR_DEFINITIONS.get(lik, ("error as recorded in the history", ""))
+
+
+def figure_training_curves(
+    histories: Mapping[str, pd.DataFrame],
+    *,
+    title: str | None = None,
+    network: str | None = None,
+    data: str | None = None,
+    preset: str | None = None,
+    likelihood: str | None = None,
+) -> DrawnFigure:
+    """Loss and error against iterations, training cases processed and wall-clock time.
+
+    ``histories`` maps a run name to a DataFrame with columns ``iteration``, ``time`` (seconds of
+    optimizer time), ``loss`` and optionally ``error`` and ``batch_size`` (as
+    :func:`kfac_lens.optim.train` records them). Columns of axes: iteration (log scale) | cases
+    processed (the cumulative sum of ``batch_size``: how many training cases the optimizer has seen,
+    repeats counted; only when some history has ``batch_size``) | time. Rows: ``loss`` (the mini-batch
+    loss ``train`` records: mean NLL per case on the iteration's mini-batch, before the update) and,
+    when any run has ``error``, the error (recorded every few iterations on the whole training set);
+    ``likelihood`` ("bernoulli", "gaussian", "categorical") names its definition on the axis and in
+    the title (:data:`TRAINING_ERROR_DEFINITIONS`).
+
+    The title names ``network``, ``data`` and ``preset`` when given (``title`` replaces its first line).
+    Metrics: all histories stacked with a ``run`` column (and ``cases_processed`` where defined).
+    """
+    has_error, xaxes = training_layout(histories)
+    n_rows, n_cols = (2 if has_error else 1), len(xaxes)
+    fig = Figure(figsize=(4.6 * n_cols, 3.6 * n_rows + 0.5), layout="constrained")
+    df = draw_training_curves(fig, histories, TrainingLabels(title, network, data, preset, likelihood))
+    meta = dict(figure="training_curves", error_definition=error_definition(likelihood) if has_error else None)
+    return DrawnFigure(fig, df, meta=meta)
+
+
+def training_comparison_labels(preset: str, data: str) -> dict:
+    """Keyword arguments of :func:`figure_training_curves` that name what
+    :func:`kfac_lens.zoo.training_comparison` trains: the deep autoencoder of ``preset`` (its layer
+    widths as that function picks them), the data and the Bernoulli likelihood (its error is the
+    squared reconstruction error per case)."""
+    from ..zoo import AUTOENCODER_PRESETS
+
+    p = AUTOENCODER_PRESETS[preset]
+    sizes = [64, 48, 24, 8, 24, 48, 64] if data == "digits" else p["sizes"]  # as zoo.training_comparison
+    what = "8×8 digits" if data == "digits" else f"{str(data).upper()} ({p['n_train']} cases)"
+    return dict(network=f"autoencoder {'-'.join(str(v) for v in sizes)}", data=what, preset=preset,
+                likelihood="bernoulli")
+
+
