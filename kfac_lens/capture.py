@@ -10,6 +10,10 @@ A capture holds, for a chunk of n cases and the selected layers k:
 - ``weight``: the scalar w with which each direction enters, so that for one case
   ``E_y[g gᵀ] = w Σ_r g_r g_rᵀ``.
 
+A layer with several uses per case (called several times, applied to (N, T, D) inputs, or a
+convolution's positions, whose ā are im2col patches) has ``a[k]`` of shape (n, U, a_dim) and ``g[k]`` of
+shape (R, n, U, d_out), its U uses concatenated in call order (docs/math.md §1).
+
 Directions are what is backpropagated from the output: the columns of a square root of F_R (exact
 expectation over y, w = 1), gradients of sampled targets (Monte-Carlo, w = 1/samples), or the
 gradient of the training targets (empirical Fisher, w = 1).
@@ -17,7 +21,6 @@ gradient of the training targets (empirical Fisher, w = 1).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
@@ -26,12 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, UnsupportedModelError
 from .likelihoods import Likelihood
 from .nets import NetworkView
+from .probe import check_cases_first, check_modules, probe_layers
 
 ESTIMATORS = ("exact", "mc", "empirical")
 
@@ -52,15 +57,14 @@ class Capture:
 
 # ----------------------------------------------------------------------------- inputs
 def as_view(model) -> NetworkView:
+    """``model`` as a :class:`NetworkView` (an ``nn.Sequential`` read in module order; pass any other
+    ``nn.Module`` as ``NetworkView(model, example_input=X[:2])``)."""
     return model if isinstance(model, NetworkView) else NetworkView(model)
 
 
 def analysis_view(model, dtype: torch.dtype | None) -> NetworkView:
     """A view of ``model`` in ``dtype`` on the model's device; a cast copy when the dtype differs."""
-    view = as_view(model)
-    if dtype is None or dtype == view.dtype:
-        return view
-    return NetworkView(copy.deepcopy(view.model).to(dtype))
+    return as_view(model).astype(dtype)
 
 
 # Output modules that already apply the likelihood's own link (softmax / sigmoid), by likelihood name.
@@ -85,19 +89,19 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X",
     """Move X (and y) to the model's device and dtype; reject bad shapes and non-finite values.
 
     With ``likelihood``, also warn when the network's last module applies the likelihood's link."""
-    if likelihood is not None:
+    if likelihood is not None and not view.is_general:
         warn_if_link_applied_twice(view, likelihood)
     if isinstance(X, np.ndarray):
         X = torch.from_numpy(X)
     if not isinstance(X, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor or numpy array, got {type(X).__name__}.")
     d_in = view.layers[0].d_in
-    if X.ndim != 2 or X.shape[1] != d_in:
+    if view.is_chain and (X.ndim != 2 or X.shape[1] != d_in):
         raise ValueError(
             f"{what} must have shape (N, {d_in}) to feed the first Linear layer, got {tuple(X.shape)}. "
             "Flatten images to vectors first."
         )
-    if X.shape[0] == 0:
+    if X.ndim == 0 or X.shape[0] == 0:
         raise ValueError(f"{what} holds no cases (N = 0).")
     if X.dtype == torch.bool or X.is_complex():
         raise TypeError(f"{what} has dtype {X.dtype}; pass real numbers (e.g. {what}.float()).")
@@ -105,7 +109,8 @@ def check_inputs(view: NetworkView, X, y=None, *, what: str = "X",
         bad = [k for k, L in enumerate(view.layers) if not all_finite(L.module.parameters())]
         raise NonFiniteError(f"the weights of layer(s) {bad} contain NaN or Inf; reload a good checkpoint "
                              "or re-initialise the model.")
-    X = X.to(device=view.device, dtype=view.dtype)
+    keep_integers = not view.is_chain and not X.is_floating_point()  # e.g. token ids for an nn.Embedding
+    X = X.to(device=view.device) if keep_integers else X.to(device=view.device, dtype=view.dtype)
     if not all_finite([X]):
         raise NonFiniteError(f"{what} contains NaN or Inf; clean or drop those cases first.")
     if y is not None:
@@ -153,67 +158,144 @@ def make_generator(device: torch.device, generator: torch.Generator | None, seed
 
 
 # ----------------------------------------------------------------------------- forward / backward
+@dataclass
+class LayerOutputs:
+    """The outputs s of one layer's calls in a forward pass, to differentiate with respect to."""
+
+    module: nn.Module
+    outputs: list
+
+    def gradient_rows(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-call gradients (R, n, *out_shape) → g of shape (R, n, U, d_out), uses in call order."""
+        parts = []
+        for g in grads:
+            R, n = g.shape[:2]
+            if isinstance(self.module, nn.Conv2d):
+                parts.append(g.reshape(R, n, g.shape[2], -1).transpose(2, 3))
+            else:
+                parts.append(g.reshape(R, n, -1, g.shape[-1]))
+        return torch.cat(parts, dim=2)
+
+
+def layer_input_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ā of one call (docs/math.md §1): (n, a_dim) for a 2-D Linear input, else (n, U, a_dim) — the
+    positions of an (N, ..., D) input, or a convolution's im2col patches (channel-major, as weight.reshape)."""
+    n = x.shape[0]
+    if isinstance(mod, nn.Conv2d):
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+            x, pad = F.pad(x, mod._reversed_padding_repeated_twice, mode=mode), 0
+        else:
+            pad = mod.padding
+        x = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride).transpose(1, 2)
+    elif x.ndim > 2:
+        x = x.reshape(n, -1, x.shape[-1])
+    if mod.bias is not None:
+        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+    return x
+
+
 def forward(view: NetworkView, X: torch.Tensor, layers: Sequence[int], *, track: bool = True):
-    """Forward pass recording ā_k and s_k of the selected layers.
+    """Forward pass recording ā_k and s_k of the selected layers with forward hooks.
 
     Returns ``(z, a, s)``. With ``track`` the pre-activations ``s[k]`` are in the autograd graph (X is
-    made a leaf that requires grad, so this works whatever the parameters' ``requires_grad``).
+    made a leaf that requires grad, so this works whatever the parameters' ``requires_grad``). ``s[k]``
+    is the output tensor of a layer used once per case, else a :class:`LayerOutputs`.
     """
     wanted = set(layers)
-    a: dict[int, torch.Tensor] = {}
-    s: dict[int, torch.Tensor] = {}
-    handles = []
+    calls: dict[int, list] = {k: [] for k in wanted}
+    n = X.shape[0]
+    check_modules(view.model)
+    # Hand the rest of the network a copy of s_k when something may write into it in place
+    # (ReLU(inplace=True), ``h += x`` in a forward): autograd would otherwise give ∂L/∂(the result).
+    copy_out = track and (not view.is_chain or any(getattr(mod, "inplace", False) for mod in view.sequence))
 
     def hook(k, layer):
         def fn(mod, inputs, output):
-            inp = inputs[0].detach()
-            if layer.has_bias:
-                inp = torch.cat([inp, torch.ones_like(inp[:, :1])], dim=1)
-            a[k] = inp
-            s[k] = output
-            # Hand the rest of the network a copy when it has an in-place module (ReLU(inplace=True)):
-            # that would otherwise overwrite s_k, and autograd would give ∂L/∂φ(s_k) instead of ∂L/∂s_k.
-            return output.clone() if (track and inplace) else None
+            inp = inputs[0]
+            check_cases_first(inp, n, f"layer {k} ('{layer.name}', {type(mod).__name__})")
+            if track and not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            calls[k].append((layer_input_rows(mod, inp.detach()), output))
+            return output.clone() if copy_out else output
         return fn
 
-    inplace = any(getattr(mod, "inplace", False) for mod in view.sequence)
-
-    for k in wanted:
-        layer = view.layers[k]
-        handles.append(layer.module.register_forward_hook(hook(k, layer)))
+    handles = [view.layers[k].module.register_forward_hook(hook(k, view.layers[k])) for k in wanted]
     try:
         with torch.enable_grad() if track else torch.no_grad():
-            X_in = X.detach().requires_grad_(True) if track else X
+            X_in = X.detach().requires_grad_(True) if track and X.is_floating_point() else X
             # An in-place first module must not write into X (or into a leaf that requires grad).
-            z = view.model(X_in.clone() if inplace else X_in)
+            z = view.model(X_in.clone() if copy_out else X_in)
     finally:
         for h in handles:
             h.remove()
-    if z.ndim != 2:
-        raise ValueError(f"the network output must have shape (N, C), got {tuple(z.shape)}.")
+    if not isinstance(z, torch.Tensor) or z.ndim < 2 or (view.is_chain and z.ndim != 2):
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"the network output must have shape (N, C) (or (N, T, C) for a general module, one "
+                         f"likelihood term per position), got {shape}.")
+    a: dict[int, torch.Tensor] = {}
+    s: dict = {}
+    for k in layers:
+        got = calls[k]
+        if not got:
+            raise UnsupportedModelError(f"layer {k} ('{view.layers[k].name}') was not called in this forward "
+                                        "pass; kfac_lens needs every layer used on every input.")
+        if len(got) == 1 and got[0][0].ndim == 2:
+            a[k], s[k] = got[0]
+            continue
+        a[k] = torch.cat([r if r.ndim == 3 else r[:, None] for r, _ in got], dim=1)
+        s[k] = LayerOutputs(view.layers[k].module, [o for _, o in got])
     return z, a, s
 
 
-def backward_directions(z: torch.Tensor, s: dict[int, torch.Tensor], layers: Sequence[int],
+def backward_directions(z: torch.Tensor, s: dict, layers: Sequence[int],
                         V: torch.Tensor, *, retain_graph: bool = False) -> dict[int, torch.Tensor]:
-    """Backpropagate R output directions V (R, n, C) at once; returns g_k of shape (R, n, d_out)."""
-    outs = [s[k] for k in layers]
+    """Backpropagate R output directions V (R, n, C) at once; returns g_k of shape (R, n, d_out), or
+    (R, n, U, d_out) for a layer with several uses per case (``s[k]`` a :class:`LayerOutputs`)."""
+    outs, spans = [], []
+    for k in layers:
+        parts = s[k].outputs if isinstance(s[k], LayerOutputs) else [s[k]]
+        spans.append((len(outs), len(outs) + len(parts)))
+        outs.extend(parts)
     if V.shape[0] == 1:  # one direction (sampled or training targets): a plain backward pass, no vmap
-        grads = torch.autograd.grad(z, outs, grad_outputs=V[0], retain_graph=retain_graph)
-        return {k: g.detach()[None] for k, g in zip(layers, grads)}
-    try:
-        grads = torch.autograd.grad(z, outs, grad_outputs=V, is_grads_batched=True, retain_graph=retain_graph)
-    except RuntimeError:
-        # Modules that vmap cannot batch through: fall back to one backward pass per direction.
-        per = [torch.autograd.grad(z, outs, grad_outputs=V[r], retain_graph=True) for r in range(V.shape[0])]
-        grads = [torch.stack([p[i] for p in per]) for i in range(len(outs))]
-    return {k: g.detach() for k, g in zip(layers, grads)}
+        grads = [g[None] for g in torch.autograd.grad(z, outs, grad_outputs=V[0], retain_graph=retain_graph)]
+    else:
+        try:
+            grads = torch.autograd.grad(z, outs, grad_outputs=V, is_grads_batched=True,
+                                        retain_graph=retain_graph)
+        except RuntimeError:
+            # Modules that vmap cannot batch through: fall back to one backward pass per direction.
+            per = [torch.autograd.grad(z, outs, grad_outputs=V[r], retain_graph=True) for r in range(V.shape[0])]
+            grads = [torch.stack([p[i] for p in per]) for i in range(len(outs))]
+    out = {}
+    for k, (i, j) in zip(layers, spans):
+        got = [g.detach() for g in grads[i:j]]
+        out[k] = s[k].gradient_rows(got) if isinstance(s[k], LayerOutputs) else got[0]
+    return out
 
 
 def output_directions(likelihood: Likelihood, z: torch.Tensor, estimator: str, y: torch.Tensor | None,
                       samples: int, generator: torch.Generator | None) -> tuple[torch.Tensor, float]:
-    """The directions V (R, n, C) to backpropagate and their weight w (see module docstring)."""
+    """The directions V (R, n, C) to backpropagate and their weight w (see module docstring).
+
+    An output of shape (n, T, C) has one likelihood term per position (docs/math.md §2): exact directions
+    are then those of each position on its own, V of shape (T·C, n, T, C)."""
     zd = z.detach()
+    if zd.ndim > 2:
+        n, C = zd.shape[0], zd.shape[-1]
+        T = zd[0].numel() // C
+        if y is not None:
+            if tuple(y.shape[:zd.ndim - 1]) != tuple(zd.shape[:-1]):
+                raise ValueError(f"the network output has shape {tuple(zd.shape)}, one likelihood term per "
+                                 f"position, so y must have shape {tuple(zd.shape[:-1])} (plus C for per-output "
+                                 f"targets), got {tuple(y.shape)}.")
+            y = y.reshape(n * T, *y.shape[zd.ndim - 1:])
+        V, w = output_directions(likelihood, zd.reshape(n * T, C), estimator, y, samples, generator)
+        V = V.reshape(V.shape[0], n, T, C)
+        if estimator == "exact":  # direction (t, r) lives at position t only
+            eye = torch.eye(T, dtype=V.dtype, device=V.device)
+            V = (eye[:, None, None, :, None] * V[None]).reshape(T * V.shape[0], n, T, C)
+        return V.reshape(V.shape[0], *zd.shape), w
     if estimator == "exact":
         return likelihood.fisher_sqrt(zd), 1.0
     if estimator == "mc":
@@ -249,17 +331,28 @@ def capture(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: 
     return Capture(a=a, g=g, weight=w, z=z.detach())
 
 
+def layer_uses(view: NetworkView, X: torch.Tensor | None = None) -> list[int]:
+    """Uses per case of each layer: from the view's probe pass, else measured on the first case of X
+    (a Sequential with convolutions), else 1."""
+    if view.is_chain or X is None or all(L.uses is not None for L in view.layers):
+        return [L.uses or 1 for L in view.layers]
+    found, _ = probe_layers(view.model, X[:1])
+    seen = {id(p.module): p.uses for p in found}
+    return [seen.get(id(L.module), 1) for L in view.layers]
+
+
 def default_chunk(view: NetworkView, n_directions: int, extra_per_case: int = 0,
-                  budget_elems: int = 1 << 24) -> int:
+                  budget_elems: int = 1 << 24, uses: Sequence[int] | None = None) -> int:
     """Cases per chunk so that a chunk's working set stays near ``budget_elems`` numbers."""
-    widths = sum(L.d_out for L in view.layers) + view.layers[-1].d_out
-    per_case = n_directions * widths + sum(L.a_dim for L in view.layers) + extra_per_case
+    uses = [L.uses or 1 for L in view.layers] if uses is None else uses
+    widths = sum(L.d_out * u for L, u in zip(view.layers, uses)) + view.output_dim
+    per_case = n_directions * widths + sum(L.a_dim * u for L, u in zip(view.layers, uses)) + extra_per_case
     return max(1, budget_elems // max(per_case, 1))
 
 
 def n_directions(view: NetworkView, estimator: str, samples: int) -> int:
     if estimator == "exact":
-        return view.layers[-1].d_out
+        return view.output_dim * (math.prod(view.output_shape[1:-1]) if view.output_shape else 1)
     return samples if estimator == "mc" else 1
 
 
@@ -271,7 +364,8 @@ def iter_captures(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, la
     """Captures over chunks of cases, so that memory does not grow with N."""
     N = X.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk(view, n_directions(view, estimator, samples), extra_per_case)
+        chunk_size = default_chunk(view, n_directions(view, estimator, samples), extra_per_case,
+                                   uses=layer_uses(view, X))
     chunk_size = positive_int(chunk_size, "chunk_size", "a number of cases per chunk, or None for automatic")
     n_chunks = math.ceil(N / chunk_size)
     # Automatic bars for long captures, unless KFAC_LENS_QUIET is set (the CLI's --quiet sets it).

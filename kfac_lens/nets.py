@@ -1,15 +1,24 @@
-"""The layered view of an ``nn.Sequential`` and the paper's parameter layout (docs/math.md §1).
+"""The layered view of a network and the paper's parameter layout (docs/math.md §1).
 
-A network is read as Linear layers k = 0..ℓ−1 (0-based; the paper's layer i is k = i−1) with
-parameter-free modules between them. Layer k computes ``s_k = W_k ā_k`` where ā_k is its input with a
-homogeneous 1 appended (when the Linear has a bias), so ``W_k = [weight, bias]`` has the bias as its
-last column. θ stacks ``vec(W_k)`` column-major: entry ``W_k[r, c]`` sits at offset ``c·d_out + r``.
+A network is read as layers k = 0..ℓ−1 (0-based; the paper's layer i is k = i−1): its ``nn.Linear`` and
+``nn.Conv2d`` modules. Layer k computes ``s_k = W_k ā_k`` where ā_k is its input (for a convolution, one
+im2col patch) with a homogeneous 1 appended when it has a bias, so ``W_k = [weight, bias]`` has the bias as
+its last column; a convolution's weight is ``weight.reshape(out, −1)``. θ stacks ``vec(W_k)``
+column-major: entry ``W_k[r, c]`` sits at offset ``c·d_out + r``.
+
+An ``nn.Sequential`` is read in module order. Any other ``nn.Module`` needs an example input, on which
+one probe pass finds the layers in the order of their first use (:mod:`kfac_lens.probe`); a layer used
+several times per case (tied weights, positions of a sequence, a convolution's positions) contributes
+the sum over its uses.
 
 :func:`mats_to_vec` / :func:`vec_to_mats` are the one function pair that owns that layout.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,25 +27,34 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
-
-# Parameter-free modules that would break the per-case picture K-FAC relies on.
-_CASE_MIXING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+from .probe import SUPPORTED as GENERAL_SUPPORTED
+from .probe import check_modules, fixed_parameters, is_layer, probe_layers
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One ``nn.Linear`` of the chain. ``index`` is its 0-based position among the Linear layers."""
+    """One ``nn.Linear`` or ``nn.Conv2d`` layer. ``index`` is its 0-based position among the layers.
+
+    ``name`` is its name in the model; ``uses`` its uses per case found by the probe pass (calls times
+    positions; None when not probed)."""
 
     index: int
-    module: nn.Linear
+    module: nn.Module
+    name: str = ""
+    uses: int | None = None
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
 
     @property
     def d_in(self) -> int:
-        return self.module.in_features
+        """Width of the layer's input row: in_features, or in_channels·kh·kw for a convolution."""
+        return math.prod(self.module.weight.shape[1:])
 
     @property
     def d_out(self) -> int:
-        return self.module.out_features
+        return self.module.weight.shape[0]
 
     @property
     def has_bias(self) -> bool:
@@ -73,53 +91,121 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
 
 
 class NetworkView:
-    """Read an ``nn.Sequential`` as the paper's chain of layers (docs/math.md §1).
+    """Read a network as the paper's layers (docs/math.md §1).
 
-    Raises :class:`UnsupportedModelError` (a ``ValueError``) for anything else, naming the module.
+    ``NetworkView(seq)`` reads an ``nn.Sequential`` in module order, each layer used once.
+    ``NetworkView(model, example_input=X[:2])`` reads any ``nn.Module``: one probe pass on the example
+    input finds its ``nn.Linear`` and ``nn.Conv2d`` layers in the order of their first use; tied layers and
+    layers applied to (N, T, D) inputs sum over their uses. Parameters of other modules are held fixed
+    (named in a warning, unless ``warn=False``, and in :meth:`summary`). The output may be (N, C), or
+    (N, T, C) with one likelihood term per position. Raises :class:`UnsupportedModelError` (a
+    ``ValueError``) for what it cannot read, naming the module.
     """
 
     SUPPORTED = (
-        "an nn.Sequential whose parameters all belong to nn.Linear layers, with parameter-free, "
-        "per-case modules (Tanh, Sigmoid, ReLU, Identity, fixed transforms, ...) between them"
+        "an nn.Sequential of nn.Linear / nn.Conv2d layers, each used once, with per-case modules (Tanh, ReLU, "
+        "Flatten, fixed transforms, ...) between them, or, with NetworkView(model, example_input=X), any "
+        f"nn.Module with {GENERAL_SUPPORTED}"
     )
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | None = None, *, warn: bool = True):
         if isinstance(model, NetworkView):
+            if example_input is None:
+                example_input = model.example_input
             model = model.model
+        if not isinstance(model, nn.Module):
+            raise UnsupportedModelError(f"kfac_lens reads {self.SUPPORTED}; got a {type(model).__name__}, "
+                                        "which is not an nn.Module.")
+        _refuse_unusable_devices(model)
+        self.model = model
+        self.example_input = None
+        self.output_shape: tuple[int, ...] | None = None
+        if example_input is None:
+            self._read_sequential(model)
+        else:
+            self._read_general(model, example_input)
+        if not self.layers:
+            raise UnsupportedModelError(f"the model has no nn.Linear layer (nor nn.Conv2d) in use; kfac_lens reads "
+                                        f"{self.SUPPORTED}.")
+        self.fixed = tuple(fixed_parameters(model, [L.module for L in self.layers]))
+        if self.fixed and warn:
+            warnings.warn(f"kfac_lens analyses the nn.Linear and nn.Conv2d layers; the parameters "
+                          f"{', '.join(self.fixed)} are held fixed (not part of θ).", UserWarning, stacklevel=2)
+
+    def _read_sequential(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Sequential):
             raise UnsupportedModelError(
-                f"kfac_lens reads {self.SUPPORTED}; got a {type(model).__name__}. "
-                "Rewrite the model as an nn.Sequential."
-            )
-        self.model = model
-        layers: list[Layer] = []
+                f"kfac_lens reads {self.SUPPORTED}; got a {type(model).__name__} without an example input. "
+                "Rewrite the model as an nn.Sequential, or pass NetworkView(model, example_input=X[:2]).")
         flat = _flatten_sequential(model)
-        self.sequence: tuple[nn.Module, ...] = tuple(mod for _, mod in flat)
+        self._sequence: tuple[nn.Module, ...] | None = tuple(mod for _, mod in flat)
         _refuse_reused_parameters(flat)
-        for name, mod in flat:
-            if isinstance(mod, nn.Linear):
-                layers.append(Layer(len(layers), mod))
-                continue
-            if isinstance(mod, _CASE_MIXING):
-                raise UnsupportedModelError(
-                    f"module '{name}' ({type(mod).__name__}) mixes statistics across cases, so the Fisher "
-                    f"is not a per-case average. kfac_lens reads {self.SUPPORTED}."
-                )
-            if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
-                raise UnsupportedModelError(
-                    f"module '{name}' ({type(mod).__name__}, p={mod.p}) is random, so the Fisher is not "
-                    "defined for it. Remove it or set p=0."
-                )
-            n_par = sum(1 for _ in mod.parameters())
-            if n_par:
-                raise UnsupportedModelError(
-                    f"module '{name}' ({type(mod).__name__}) has parameters but is not nn.Linear. "
-                    f"kfac_lens reads {self.SUPPORTED}."
-                )
-        if not layers:
-            raise UnsupportedModelError(f"the model has no nn.Linear layer; kfac_lens reads {self.SUPPORTED}.")
-        self.layers: tuple[Layer, ...] = tuple(layers)
-        _refuse_unusable_devices(model, flat)
+        check_modules(model)
+        self.layers: tuple[Layer, ...] = tuple(
+            Layer(i, mod, name) for i, (name, mod) in enumerate((n, m) for n, m in flat if is_layer(m)))
+
+    def _read_general(self, model: nn.Module, example_input) -> None:
+        if isinstance(example_input, np.ndarray):
+            example_input = torch.from_numpy(example_input)
+        if not isinstance(example_input, torch.Tensor) or example_input.ndim == 0 or not len(example_input):
+            raise ValueError("example_input must be a tensor holding at least one case (first dimension N ≥ 1), "
+                             f"got {example_input!r}.")
+        check_modules(model)
+        params = list(model.parameters())
+        if params and example_input.is_floating_point():
+            example_input = example_input.to(device=params[0].device, dtype=params[0].dtype)
+        elif params:
+            example_input = example_input.to(params[0].device)
+        self.example_input = example_input.detach()[:4]
+        self._sequence = None
+        found, self.output_shape = probe_layers(model, self.example_input)
+        self.layers = tuple(Layer(i, p.module, p.name, p.uses) for i, p in enumerate(found))
+
+    @property
+    def is_general(self) -> bool:
+        """True when the layers were found by a probe pass (``example_input=``), not in module order."""
+        return self._sequence is None
+
+    @property
+    def is_chain(self) -> bool:
+        """True for an ``nn.Sequential`` of ``nn.Linear`` layers read in module order (the paper's chain)."""
+        return not self.is_general and not any(L.is_conv for L in self.layers)
+
+    @property
+    def sequence(self) -> tuple[nn.Module, ...]:
+        """The modules of an ``nn.Sequential`` in call order (repeats included)."""
+        if self._sequence is None:
+            raise UnsupportedModelError(
+                f"this view reads a {type(self.model).__name__} through a probe pass, so it has no module "
+                "sequence; this code path supports an nn.Sequential read without example_input.")
+        return self._sequence
+
+    @property
+    def output_dim(self) -> int:
+        """C, the width of the network output (the last layer's d_out for a Sequential)."""
+        return self.output_shape[-1] if self.output_shape else self.layers[-1].d_out
+
+    def astype(self, dtype: torch.dtype) -> NetworkView:
+        """A view of a copy of the model cast to ``dtype`` (self when the dtype already matches)."""
+        if dtype is None or dtype == self.dtype:
+            return self
+        example = self.example_input
+        if example is not None and example.is_floating_point():
+            example = example.to(dtype)
+        return NetworkView(copy.deepcopy(self.model).to(dtype), example, warn=False)
+
+    def summary(self) -> str:
+        """The layers with their names, types and shapes, and the parameters held fixed."""
+        how = "layers in order of first use (probe pass)" if self.is_general else "layers in module order"
+        lines = [f"{type(self.model).__name__}: {len(self.layers)} layers, P = {self.n_params()}; {how}",
+                 f"{'k':>3}  {'name':<20} {'type':<8} {'weight':<18} {'W_k':<12} {'params':>8} {'uses':>6}"]
+        for L in self.layers:
+            uses = "?" if L.uses is None else str(L.uses)
+            lines.append(f"{L.index:>3}  {L.name:<20} {type(L.module).__name__:<8} "
+                         f"{str(tuple(L.module.weight.shape)):<18} {str(L.shape):<12} {L.n_params:>8} {uses:>6}")
+        if self.fixed:
+            lines.append("held fixed: " + ", ".join(self.fixed))
+        return "\n".join(lines)
 
     # ----------------------------------------------------------------- selection and sizes
     def __len__(self) -> int:
@@ -188,13 +274,14 @@ class NetworkView:
                 mod.bias.add_(db, alpha=alpha)
 
     def split(self, k: int, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Split a ``(..., d_out, a_dim)`` matrix of layer k into (weight, bias)."""
+        """Split a ``(..., d_out, a_dim)`` matrix of layer k into (weight, bias), the weight in the module's shape."""
         layer = self.layers[k]
         if tuple(W.shape[-2:]) != layer.shape:
             raise ValueError(f"layer {k} expects a matrix of shape {layer.shape}, got {tuple(W.shape)}.")
-        if layer.has_bias:
-            return W[..., :-1], W[..., -1]
-        return W, None
+        weight, bias = (W[..., :-1], W[..., -1]) if layer.has_bias else (W, None)
+        if layer.is_conv:  # back to (out, in, kh, kw)
+            weight = weight.reshape(*W.shape[:-2], *layer.module.weight.shape)
+        return weight, bias
 
     def parameter_names(self, layers: Iterable[int] | None = None) -> list[tuple[str, str | None]]:
         """Names (in ``model.named_parameters()``) of each selected layer's weight and bias."""
@@ -238,7 +325,7 @@ def layer_indices(layers, name: str = "layers") -> list[int]:
             k = int(k)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"{name}={items!r} holds {k!r} ({type(k).__name__}); layer indices must be "
-                            "integers (0-based positions among the nn.Linear layers).")
+                            "integers (0-based positions among the nn.Linear / nn.Conv2d layers).")
         out.append(int(k))
     return out
 
@@ -260,14 +347,15 @@ def _refuse_reused_parameters(flat: list[tuple[str, nn.Module]]) -> None:
         if id(mod) in seen:
             raise UnsupportedModelError(
                 f"module '{name}' ({type(mod).__name__}) is the same module as '{seen[id(mod)]}': its weights "
-                "are used more than once in the forward pass (tied or shared weights). kfac_lens reads each "
-                "Linear as one layer used once; give each use its own nn.Linear (copy.deepcopy) to analyse "
-                "them as separate layers."
+                "are used more than once in the forward pass (tied or shared weights). An nn.Sequential is read "
+                "in module order, each layer used once: give each use its own nn.Linear (copy.deepcopy) to "
+                "analyse them as separate layers, or pass NetworkView(model, example_input=X[:2]) to read the "
+                "tied layer as one layer that sums over its uses."
             )
         seen[id(mod)] = name
 
 
-def _refuse_unusable_devices(model: nn.Module, flat) -> None:
+def _refuse_unusable_devices(model: nn.Module) -> None:
     """Parameters on the meta device hold no numbers, and layers on several devices cannot be chained."""
     devices = {p.device for p in model.parameters()}
     if any(d.type == "meta" for d in devices):
@@ -282,8 +370,8 @@ def _refuse_unusable_devices(model: nn.Module, flat) -> None:
         )
 
 
-def _linear_to_matrix(mod: nn.Linear, get) -> torch.Tensor:
-    w = get(mod.weight)
+def _linear_to_matrix(mod: nn.Module, get) -> torch.Tensor:
+    w = get(mod.weight).reshape(mod.weight.shape[0], -1)
     if mod.bias is None:
         return w.clone()
     return torch.cat([w, get(mod.bias)[:, None]], dim=1)

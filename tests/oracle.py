@@ -552,3 +552,170 @@ def generalized_eigvals(F: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of M⁻¹F (F symmetric, M SPD), descending, as those of L⁻¹ F L⁻ᵀ with M = L Lᵀ."""
     Li = torch.linalg.inv(torch.linalg.cholesky(0.5 * (M + M.T)))
     return torch.linalg.eigvalsh(Li @ F @ Li.T).flip(0)
+
+
+# ----------------------------------------------------------------------------------------- any nn.Module
+# For networks that are not a chain: the test names the layer modules (nn.Linear / nn.Conv2d) in the order
+# of their first use, by hand. W = [weight.reshape(out, −1), bias] (docs/math.md §1); the whole model runs
+# through torch.func.functional_call with the layers' parameters taken from θ, so per-case Jacobians of the
+# whole parameter vector come from autograd, whatever the module does between its layers.
+def layer_matrix(mod: nn.Module) -> torch.Tensor:
+    """W = [weight.reshape(out, −1), bias] as float64 on the CPU."""
+    w = mod.weight.detach().to("cpu", torch.float64).reshape(mod.weight.shape[0], -1)
+    if mod.bias is None:
+        return w.clone()
+    return torch.cat([w, mod.bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
+
+
+def module_shapes(mods) -> list[tuple[int, int]]:
+    return [tuple(layer_matrix(m).shape) for m in mods]
+
+
+def module_theta(mods) -> torch.Tensor:
+    return torch.cat([vec(layer_matrix(m)) for m in mods])
+
+
+def module_params(model: nn.Module, mods, th: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The parameter dict for functional_call with the layers' weights and biases read from θ."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out, start = {}, 0
+    for m in mods:
+        r, c = layer_matrix(m).shape
+        W = unvec(th[start:start + r * c], r, c)
+        start += r * c
+        if m.bias is None:
+            out[names[id(m.weight)]] = W.reshape(m.weight.shape)
+        else:
+            out[names[id(m.weight)]] = W[:, :-1].reshape(m.weight.shape)
+            out[names[id(m.bias)]] = W[:, -1]
+    return out
+
+
+def positionwise_output_fisher(family: str, z: torch.Tensor) -> torch.Tensor:
+    """F_R of one case whose output z has shape (C,) or (T, C) (one likelihood term per position: the
+    block-diagonal of the positions' F_R), for the output flattened row-major."""
+    if z.ndim == 1:
+        return output_fisher(family, z)
+    return torch.block_diag(*[output_fisher(family, zt) for zt in z.reshape(-1, z.shape[-1])])
+
+
+def module_jacobians(model: nn.Module, mods, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, J) with J[n] = ∂z_n/∂θ (C, P) — (T·C, P) for an output per position, z_n flattened — one case
+    at a time, by autograd through functional_call."""
+    from torch.func import functional_call
+
+    th = module_theta(mods)
+    zs, Js = [], []
+    for n in range(X.shape[0]):
+        xn = X[n:n + 1]
+
+        def f(t, xn=xn):
+            return functional_call(model, module_params(model, mods, t), (xn,))[0]
+
+        zs.append(f(th).detach())
+        Js.append(jacobian(f, th).reshape(-1, th.numel()))
+    return torch.stack(zs), torch.stack(Js)
+
+
+def module_exact_fisher(model: nn.Module, mods, X: torch.Tensor, family: str) -> torch.Tensor:
+    """F = (1/N) Σ_n J_nᵀ F_R(z_n) J_n for any module (its layers' parameters only)."""
+    z, J = module_jacobians(model, mods, X)
+    return sum(J[n].T @ positionwise_output_fisher(family, z[n]) @ J[n] for n in range(J.shape[0])) / J.shape[0]
+
+
+def im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Patches of one case x (C, H, W) by explicit loops over output positions (row-major): (L, C·kh·kw)."""
+    ph, pw = conv.padding
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    kh, kw = conv.kernel_size
+    xp = nn.functional.pad(x, (pw, pw, ph, ph))
+    H = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    W = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for i in range(H):
+        for j in range(W):
+            patch = xp[:, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw]
+            rows.append(patch.reshape(-1))
+    return torch.stack(rows)
+
+
+def module_uses(model: nn.Module, mods, x: torch.Tensor, family: str):
+    """For one case x (batch of 1): z, and per layer the lists over uses of ā_u (a_dim,) and of the
+    direction gradients g_u (R, d_out) = Qᵀ ∂z/∂s_u, with F_R(z) = Q Qᵀ from an eigendecomposition."""
+    calls = {id(m): [] for m in mods}
+
+    def hook(mod, inputs, output):
+        delta = torch.zeros_like(output, requires_grad=True)
+        calls[id(mod)].append((inputs[0].detach(), delta))
+        return output + delta
+
+    handles = [m.register_forward_hook(hook) for m in mods]
+    try:
+        z = model(x)[0]
+    finally:
+        for h in handles:
+            h.remove()
+    ev, U = torch.linalg.eigh(positionwise_output_fisher(family, z.detach()))
+    z = z.reshape(-1)
+    Q = U * ev.clamp(min=0).sqrt()  # F_R = Q Qᵀ, directions are the columns
+    deltas = [d for m in mods for _, d in calls[id(m)]]
+    per_dir = [torch.autograd.grad(z @ Q[:, r], deltas, retain_graph=True) for r in range(Q.shape[1])]
+    out, i = [], 0
+    for m in mods:
+        abars, gs = [], []
+        for inp, _ in calls[id(m)]:
+            grads = torch.stack([p[i] for p in per_dir])[:, 0]  # (R, *out_shape) of this call
+            i += 1
+            if isinstance(m, nn.Conv2d):
+                a = im2col(m, inp[0])
+                g = grads.reshape(grads.shape[0], grads.shape[1], -1).transpose(1, 2)  # (R, L, C_out)
+            else:
+                a = inp[0].reshape(-1, inp.shape[-1])
+                g = grads.reshape(grads.shape[0], -1, grads.shape[-1])
+            if m.bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+            abars.extend(list(a))
+            gs.extend(list(g.transpose(0, 1)))
+        out.append((abars, gs))
+    return z.detach(), out
+
+
+def module_kronecker_factors(model: nn.Module, mods, X: torch.Tensor, family: str, approx: str = "expand"):
+    """Diagonal factors by definition (Eschenhagen et al. 2023), per layer over its U uses per case:
+
+    expand: A = (1/N) Σ_n (1/U) Σ_u ā_u ā_uᵀ, G = (1/N) Σ_n Σ_u Σ_r g_{u,r} g_{u,r}ᵀ;
+    reduce: A = (1/N) Σ_n ā̄ ā̄ᵀ with ā̄ = (1/U) Σ_u ā_u, G = (1/N) Σ_n Σ_r (Σ_u g_{u,r})(Σ_u g_{u,r})ᵀ.
+    """
+    N = X.shape[0]
+    A = {k: 0 for k in range(len(mods))}
+    G = {k: 0 for k in range(len(mods))}
+    for n in range(N):
+        _, per_layer = module_uses(model, mods, X[n:n + 1], family)
+        for k, (abars, gs) in enumerate(per_layer):
+            U = len(abars)
+            if approx == "expand":
+                A[k] = A[k] + sum(torch.outer(a, a) for a in abars) / U
+                G[k] = G[k] + sum(g.T @ g for g in gs)
+            else:
+                am = sum(abars) / U
+                gsum = sum(gs)
+                A[k] = A[k] + torch.outer(am, am)
+                G[k] = G[k] + gsum.T @ gsum
+    return {(k, k): A[k] / N for k in A}, {(k, k): G[k] / N for k in G}
+
+
+def module_empirical_fisher(model: nn.Module, mods, X: torch.Tensor, y: torch.Tensor, family: str) -> torch.Tensor:
+    """(1/N) Σ_n ∇L_n ∇L_nᵀ with L_n = Σ_t L(y_{n,t}, z_{n,t}) summed over the output's positions."""
+    from torch.func import functional_call
+
+    rows = []
+    for n in range(X.shape[0]):
+        th = module_theta(mods).requires_grad_(True)
+        z = functional_call(model, module_params(model, mods, th), (X[n:n + 1],))[0]
+        zs = z.reshape(-1, z.shape[-1])
+        ys = y[n].reshape(zs.shape[0], -1).squeeze(-1) if family == "categorical" else y[n].reshape(zs.shape)
+        L = sum(loss(family, zs[t], ys[t]) for t in range(zs.shape[0]))
+        (g,) = torch.autograd.grad(L, th)
+        rows.append(g)
+    return sum(torch.outer(g, g) for g in rows) / len(rows)

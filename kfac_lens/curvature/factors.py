@@ -5,6 +5,13 @@ Conventions (0-based Linear-layer indices k, l):
 - ``A[k, l] = E[ā_k ā_lᵀ]`` — the inputs of layers k and l with the homogeneous 1 appended;
 - ``G[k, l] = E[g_k g_lᵀ]`` — the gradients of their outputs, expectation over x and y ∼ model;
 - the F̃ block (k, l) is ``kron(A[k, l], G[k, l])``.
+
+A layer with U uses per case (tied weights, (N, T, D) inputs, a convolution's positions) follows
+Eschenhagen et al. (2023): ``approx="expand"`` (the default; KFC for convolutions, Grosse & Martens 2016)
+treats each use as a case, ``A = E_n[(1/U) Σ_u ā_u ā_uᵀ]``, ``G = E_n[Σ_u w Σ_r g_u g_uᵀ]``;
+``approx="reduce"`` averages ā and sums g over the uses first, ``A = E_n[â âᵀ]`` with ``â = (1/U) Σ_u ā_u``,
+``G = E_n[w Σ_r (Σ_u g_u)(Σ_u g_u)ᵀ]``. This is curvlinops' ``KFACLinearOperator`` normalisation for a
+layer called once per forward pass (docs/math.md §1).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import torch
 from ..capture import Capture, analysis_view, check_estimator, check_inputs, iter_captures, make_generator
 from ..likelihoods import Likelihood, get_likelihood
 from ..memory import check_dense_fits
+from ..distributed import CaseShards
 from ..nets import NetworkView, layer_indices
 
 PAIRS = ("all", "tridiag", "diag")
+APPROX = ("expand", "reduce")
 
 
 def pair_list(layers: Sequence[int], pairs: str) -> list[tuple[int, int]]:
@@ -115,6 +124,14 @@ class KroneckerFactors:
     def to(self, *args, **kw) -> KroneckerFactors:
         return self.map(lambda t: t.to(*args, **kw))
 
+    def restrict(self, layers: Iterable[int]) -> KroneckerFactors:
+        """The factors of a subset of the layers (strictly increasing), sharing the blocks (no copies)."""
+        sel = self.select(layers)
+        keep = set(sel)
+        return KroneckerFactors({kl: t for kl, t in self.A.blocks.items() if set(kl) <= keep},
+                                {kl: t for kl, t in self.G.blocks.items() if set(kl) <= keep},
+                                sel, {k: self.shapes[k] for k in sel}, self.n_cases, self.estimator)
+
     # ------------------------------------------------------------------ F̃
     def dense(self, layers: Iterable[int] | None = None, max_bytes: int | None = None) -> torch.Tensor:
         """F̃ in the paper layout: block (k, l) = ``kron(A[k, l], G[k, l])`` (Section 3)."""
@@ -187,21 +204,60 @@ class KroneckerFactors:
                 f"estimator={self.estimator!r}, dtype={self.dtype})")
 
 
+def check_approx(approx: str) -> str:
+    if approx not in APPROX:
+        raise ValueError(f"approx must be one of {APPROX} (KFAC-expand or KFAC-reduce, Eschenhagen et al. 2023) "
+                         f"for layers with several uses per case, got {approx!r}.")
+    return approx
+
+
+def use_rows(cap: Capture, k: int, approx: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ā rows, g rows, U) of layer k: one row per case (per use for "expand"); U divides ā ā_ᵀ."""
+    a, g = cap.a[k], cap.g[k]
+    if a.ndim == 2:
+        return a, g.reshape(-1, g.shape[-1]), 1
+    if approx == "reduce":
+        return a.mean(1), g.sum(2).reshape(-1, g.shape[-1]), 1
+    return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]), a.shape[1]
+
+
 def factors_from_captures(captures: Iterable[Capture], view: NetworkView, layers: Sequence[int],
-                          pairs: str = "all", estimator: str = "exact") -> KroneckerFactors:
-    """Average ``ā_k ā_lᵀ`` and ``w Σ_r g_k g_lᵀ`` over the captured cases."""
+                          pairs: str = "all", estimator: str = "exact", approx: str = "expand",
+                          shards: CaseShards | None = None) -> KroneckerFactors:
+    """Average ``ā_k ā_lᵀ`` and ``w Σ_r g_k g_lᵀ`` over the captured cases (and uses, by ``approx``); with
+    ``shards``, over the cases of every rank (sums all-reduced, divided by the global N)."""
     plist = pair_list(list(layers), pairs)
+    check_approx(approx)
     A: dict = {}
     G: dict = {}
-    n = 0
-    for cap in captures:
-        n += cap.n
-        for k, l in plist:
-            a_kl = cap.a[k].T @ cap.a[l]
-            gk, gl = cap.g[k], cap.g[l]
-            g_kl = (gk.reshape(-1, gk.shape[-1]).T @ gl.reshape(-1, gl.shape[-1])) * cap.weight
-            A[(k, l)] = a_kl if (k, l) not in A else A[(k, l)] + a_kl
-            G[(k, l)] = g_kl if (k, l) not in G else G[(k, l)] + g_kl
+
+    def accumulate() -> int:
+        n = 0
+        for cap in captures:
+            n += cap.n
+            rows = {k: use_rows(cap, k, approx) for k in layers}
+            for k, l in plist:
+                (ak, gk, uk), (al, gl, ul) = rows[k], rows[l]
+                if ak.shape[0] != al.shape[0] or uk != ul:
+                    raise ValueError(
+                        f"the cross factors A[{k}, {l}] under approx='expand' pair the uses of layers {k} and {l}, "
+                        f"but they have {cap.a[k].shape[1] if cap.a[k].ndim == 3 else 1} and "
+                        f"{cap.a[l].shape[1] if cap.a[l].ndim == 3 else 1} uses per case. Use approx='reduce' "
+                        "or pairs='diag'.")
+                a_kl = ak.T @ al
+                if uk > 1:
+                    a_kl /= uk
+                g_kl = (gk.T @ gl) * cap.weight
+                A[(k, l)] = a_kl if (k, l) not in A else A[(k, l)] + a_kl
+                G[(k, l)] = g_kl if (k, l) not in G else G[(k, l)] + g_kl
+        return n
+
+    if shards is None:
+        n = accumulate()
+    else:
+        n = shards.run(accumulate, "the Kronecker factors' sums over this rank's cases")
+        n = shards.global_count(n)
+        shards.sum_(*A.values(), *G.values())
     for kl in A:
         A[kl] /= n
         G[kl] /= n
@@ -211,28 +267,35 @@ def factors_from_captures(captures: Iterable[Capture], view: NetworkView, layers
 
 def compute_factors(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int],
                     estimator: str = "exact", y=None, samples: int = 1, generator=None, pairs: str = "all",
-                    chunk_size: int | None = None, progress: bool | None = None) -> KroneckerFactors:
+                    chunk_size: int | None = None, progress: bool | None = None,
+                    approx: str = "expand", shards: CaseShards | None = None) -> KroneckerFactors:
     """Factors on already-checked inputs, in the view's own dtype (used by the optimizer)."""
+    check_approx(approx)
     caps = iter_captures(view, X, likelihood, layers, estimator, y, samples, generator, chunk_size,
                          progress=progress, desc="Kronecker factors")
-    return factors_from_captures(caps, view, layers, pairs, estimator)
+    return factors_from_captures(caps, view, layers, pairs, estimator, approx, shards)
 
 
 def kronecker_factors(model, X, likelihood: str | Likelihood, estimator: str = "exact", y=None,
                       samples: int = 1, generator: torch.Generator | None = None, seed: int | None = None,
                       layers=None, pairs: str = "all", dtype: torch.dtype | None = torch.float64,
-                      chunk_size: int | None = None, progress: bool | None = None) -> KroneckerFactors:
+                      chunk_size: int | None = None, progress: bool | None = None,
+                      approx: str = "expand", distributed=None) -> KroneckerFactors:
     """Kronecker factors ``A[k, l]`` and ``G[k, l]`` of ``model`` on inputs X (Section 3, Appendix D).
 
     ``estimator``: "exact" (expectation over y exact), "mc" (``samples`` targets sampled from the
     model per case, with ``generator``/``seed``) or "empirical" (the training targets ``y``; not the
     Fisher's factors, for comparison only). ``pairs``: "all" (every cross-layer pair), "tridiag" or
-    "diag".
+    "diag". ``approx``: "expand" or "reduce" for layers with several uses per case (module docstring).
+    ``distributed``: X (and y) are this rank's shard; every rank receives the factors of all cases
+    (:mod:`kfac_lens.distributed`; rank r samples with its own seed).
     """
     lik = get_likelihood(likelihood)
     check_estimator(estimator, y, samples)
+    shards = CaseShards(distributed)
     view = analysis_view(model, dtype)
     sel = view.select(layers)
-    X, y = check_inputs(view, X, y, likelihood=lik)
-    gen = make_generator(view.device, generator, seed)
-    return compute_factors(view, X, lik, sel, estimator, y, samples, gen, pairs, chunk_size, progress)
+    X, y = shards.run(lambda: check_inputs(view, X, y, likelihood=lik), "checking X and y")
+    gen = make_generator(view.device, generator, shards.seed(seed) if shards.active else seed)
+    return compute_factors(view, X, lik, sel, estimator, y, samples, gen, pairs, chunk_size, progress, approx,
+                           shards if shards.active else None)

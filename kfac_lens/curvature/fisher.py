@@ -5,6 +5,10 @@ the capture without ever forming per-(case, direction) gradient rows: for one ca
 ``Σ_r w vec(g_r ā_iᵀ) vec(g_r ā_jᵀ)ᵀ = (ā_i ā_jᵀ) ⊗ M`` with ``M = w Σ_r g_{r,i} g_{r,j}ᵀ``, so a block is
 one GEMM over cases of the flattened ``ā_i ā_jᵀ`` against the flattened ``M`` — R times fewer
 flops than ``UᵀU`` with one row per (case, direction).
+
+A layer with several uses per case (tied weights, (N, T, D) inputs, convolutions) has the per-case
+gradient ``Σ_u g_u ā_uᵀ``, which is no Kronecker product: a chunk holding such a layer is accumulated
+as ``UᵀU`` from its rows ``vec(Σ_u g_{r,u} ā_uᵀ)`` per (case, direction), one (n·R × P) GEMM (docs/math.md §1).
 """
 
 from __future__ import annotations
@@ -24,35 +28,84 @@ from ..capture import (
     check_inputs,
     iter_captures,
     make_generator,
+    n_directions,
 )
 from ..errors import NonFiniteError
 from ..likelihoods import Likelihood, get_likelihood
+from ..distributed import CaseShards
 from ..memory import check_dense_fits
 from ..nets import NetworkView
 
 
-def _block_update(cap: Capture, ki: int, kj: int) -> torch.Tensor:
-    """Σ_n (ā_i ā_jᵀ) ⊗ (w Σ_r g_i g_jᵀ) over the chunk, in paper layout (a_i·d_i × a_j·d_j)."""
-    ai, aj, gi, gj = cap.a[ki], cap.a[kj], cap.g[ki], cap.g[kj]
-    n, Di, Dj, di, dj = ai.shape[0], ai.shape[1], aj.shape[1], gi.shape[2], gj.shape[2]
-    AA = (ai[:, :, None] * aj[:, None, :]).reshape(n, Di * Dj)
-    MM = torch.einsum("rni,rnj->nij", gi, gj).reshape(n, di * dj)
-    B = (AA.T @ MM).mul_(cap.weight)  # (Di·Dj, di·dj), indices (k1, k3, k2, k4)
+def _pair_rows(ai: torch.Tensor, aj: torch.Tensor, same: bool) -> torch.Tensor:
+    """Per case, the products ā_i[k1]·ā_j[k3]: every (k1, k3), or only k1 ≤ k3 when i = j (a diagonal block is
+    symmetric in them, which halves the work of the dominant first-layer block)."""
+    if same:
+        r, c = torch.triu_indices(ai.shape[1], ai.shape[1], device=ai.device)
+        return ai[:, r] * ai[:, c]
+    return (ai[:, :, None] * aj[:, None, :]).reshape(ai.shape[0], -1)
+
+
+def _accumulate_block(acc: dict, key, cap: Capture, ki: int, kj: int) -> None:
+    """acc[key] += Σ_n (ā_i ā_jᵀ)[pairs] · vec(w Σ_r g_i g_jᵀ)ᵀ over the chunk: one GEMM, kept in the
+    (pairs × d_i·d_j) layout until :func:`_assemble_block`, so that the chunks add without re-layout."""
+    gi, gj = cap.g[ki], cap.g[kj]
+    AA = _pair_rows(cap.a[ki], cap.a[kj], ki == kj)
+    MM = torch.einsum("rni,rnj->nij", gi, gj).reshape(gi.shape[1], gi.shape[2] * gj.shape[2])
+    if key in acc:
+        acc[key].addmm_(AA.T, MM, alpha=cap.weight)
+    else:
+        acc[key] = torch.mm(AA.T, MM).mul_(cap.weight)
+
+
+def _assemble_block(B: torch.Tensor, Di: int, Dj: int, di: int, dj: int, same: bool) -> torch.Tensor:
+    """The (a_i·d_i × a_j·d_j) block in paper layout from :func:`_accumulate_block`'s sums."""
+    if same:
+        r, c = torch.triu_indices(Di, Di, device=B.device)
+        full = B.new_empty(Di, Di, di * dj)
+        full[r, c] = B
+        full[c, r] = B  # Σ ā[k3]ā[k1] M[k2, k4] = Σ ā[k1]ā[k3] M[k2, k4]
+        B = full
     return B.reshape(Di, Dj, di, dj).permute(0, 2, 1, 3).reshape(Di * di, Dj * dj)
 
 
+def gradient_rows(cap: Capture, k: int) -> torch.Tensor:
+    """Rows ``vec(Σ_u g_{r,u} ā_uᵀ)`` of layer k, one per (direction, case): shape (R·n, a_dim·d_out)."""
+    a, g = cap.a[k], cap.g[k]
+    rows = torch.einsum("rno,na->rnao", g, a) if a.ndim == 2 else torch.einsum("rnuo,nua->rnao", g, a)
+    return rows.reshape(g.shape[0] * g.shape[1], -1)
+
+
 def dense_fisher_from_captures(captures: Iterable[Capture], view: NetworkView, layers: Sequence[int],
-                               n_cases: int, out: torch.Tensor) -> torch.Tensor:
+                               n_cases: int, out: torch.Tensor, shards: CaseShards | None = None) -> torch.Tensor:
     """Accumulate (1/N) Σ over captured cases into ``out`` (P×P, zeroed), upper block triangle then mirror.
 
     The result is exactly symmetric by construction: a diagonal block is replaced by ½(B + Bᵀ) (its GEMM
-    need not round symmetrically) and each lower block is the transpose of its upper one.
+    need not round symmetrically) and each lower block is the transpose of its upper one. With ``shards``
+    the sums of all ranks are added before dividing by ``n_cases``, the global N.
     """
     slices = view.block_slices(layers)
-    for cap in captures:
-        for bi, ki in enumerate(layers):
-            for bj in range(bi, len(layers)):
-                out[slices[bi], slices[bj]] += _block_update(cap, ki, layers[bj])
+    acc: dict = {}
+
+    def accumulate():
+        for cap in captures:
+            if any(cap.a[k].ndim == 3 for k in layers):
+                U = torch.cat([gradient_rows(cap, k) for k in layers], dim=1)
+                out.addmm_(U.T, U, alpha=cap.weight)
+                continue
+            for bi, ki in enumerate(layers):
+                for bj in range(bi, len(layers)):
+                    _accumulate_block(acc, (bi, bj), cap, ki, layers[bj])
+        for (bi, bj), B in acc.items():
+            Li, Lj = view.layers[layers[bi]], view.layers[layers[bj]]
+            out[slices[bi], slices[bj]] += _assemble_block(B, Li.a_dim, Lj.a_dim, Li.d_out, Lj.d_out, bi == bj)
+        acc.clear()
+
+    if shards is None:
+        accumulate()
+    else:
+        shards.run(accumulate, "the Fisher's sum over this rank's cases")
+        shards.sum_(out)
     out /= n_cases
     for bi in range(len(layers)):
         B = out[slices[bi], slices[bi]]
@@ -65,27 +118,32 @@ def dense_fisher_from_captures(captures: Iterable[Capture], view: NetworkView, l
 def fisher(model, X, likelihood: str | Likelihood, estimator: str = "exact", y=None, layers=None,
            samples: int = 1, generator: torch.Generator | None = None, seed: int | None = None,
            dtype: torch.dtype | None = torch.float64, chunk_size: int | None = None,
-           progress: bool | None = None, max_bytes: int | None = None) -> torch.Tensor:
+           progress: bool | None = None, max_bytes: int | None = None, distributed=None) -> torch.Tensor:
     """Dense P×P Fisher of ``layers`` (all by default) in the paper layout.
 
     ``estimator``: "exact" (expectation over y ∼ r(y|z) taken exactly through a square root of F_R),
     "mc" (``samples`` sampled targets per case) or "empirical" (training targets ``y``; *not* the
-    Fisher — Appendix D, footnote 2).
+    Fisher — Appendix D, footnote 2). ``distributed``: each rank passes its shard of X (and y) and every
+    rank receives the Fisher of all cases (:mod:`kfac_lens.distributed`; rank r samples with its own seed).
     """
+    shards = CaseShards(distributed)
     lik = get_likelihood(likelihood)
     check_estimator(estimator, y, samples)
     view = analysis_view(model, dtype)
     sel = view.select(layers)
-    X, y = check_inputs(view, X, y, likelihood=lik)
+    X, y = shards.run(lambda: check_inputs(view, X, y, likelihood=lik), "checking X and y")
+    n_cases = shards.global_count(X.shape[0], like=X)
     P = view.n_params(sel)
     check_dense_fits(P, view.dtype, view.device, max_bytes=max_bytes, what=f"{estimator} Fisher")
     shapes = [view.layers[k].shape for k in sel]
     extra = max(Di * Dj + di * dj for (di, Di) in shapes for (dj, Dj) in shapes)
-    gen = make_generator(view.device, generator, seed)
+    if not view.is_chain:  # room for the (n·R × P) gradient rows of layers with several uses
+        extra = max(extra, n_directions(view, estimator, samples) * P)
+    gen = make_generator(view.device, generator, shards.seed(seed) if shards.active else seed)
     caps = iter_captures(view, X, lik, sel, estimator, y, samples, gen, chunk_size,
                          extra_per_case=extra, progress=progress, desc=f"{estimator} Fisher")
     out = torch.zeros(P, P, dtype=view.dtype, device=view.device)
-    F = dense_fisher_from_captures(caps, view, sel, X.shape[0], out)
+    F = dense_fisher_from_captures(caps, view, sel, n_cases, out, shards if shards.active else None)
     if not all_finite([F]):
         raise NonFiniteError(
             f"the {estimator} Fisher overflows {view.dtype} although X and the weights are finite (largest |x| = "
@@ -126,7 +184,7 @@ def _layer_function(view: NetworkView, X: torch.Tensor, sel: Sequence[int]):
             params[bn] = mod.bias.detach()
 
     # An in-place module must not write into X, which the transforms below capture.
-    inplace = any(getattr(mod, "inplace", False) for mod in view.sequence)
+    inplace = not view.is_chain or any(getattr(mod, "inplace", False) for mod in view.sequence)
 
     def f(p):
         return functional_call(view.model, p, (X.clone() if inplace else X,))
@@ -201,6 +259,8 @@ def jacobian_products(model, X, vectors: Sequence, layers=None, *, dtype: torch.
     for v in vectors:
         for k, M in zip(sel, _as_mats(view, sel, v)):
             tang[k].append(M.to(device=view.device, dtype=view.dtype))
+    if not view.is_chain:
+        return _functional_jacobian_products(view, X, sel, [tang[k] for k in sel])
     tang = {k: torch.stack(ms) for k, ms in tang.items()}  # (T, d_out, a_dim)
     index = {id(L.module): L for L in view.layers}
     a, da = X, None
@@ -209,6 +269,8 @@ def jacobian_products(model, X, vectors: Sequence, layers=None, *, dtype: torch.
         if L is None:
             a, da = _linearized_module(mod, a, da)
             continue
+        if a.ndim != 2:  # a Linear on (N, T, D) inputs: forward-mode products through the whole network
+            return _functional_jacobian_products(view, X, sel, [list(tang[k]) for k in sel])
         s = mod(a)
         ds = None if da is None else da @ mod.weight.T
         if L.index in tang and T:
@@ -224,49 +286,83 @@ def jacobian_products(model, X, vectors: Sequence, layers=None, *, dtype: torch.
     return z.detach(), list(da)
 
 
+def output_fisher_vp(lik: Likelihood, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F_R(z) v`` per case; an (N, T, C) output has one likelihood term per position (docs/math.md §2)."""
+    if z.ndim == 2:
+        return lik.fisher_vp(z, v)
+    return lik.fisher_vp(z.reshape(-1, z.shape[-1]), v.reshape(-1, z.shape[-1])).reshape(v.shape)
+
+
+def _functional_jacobian_products(view: NetworkView, X: torch.Tensor, sel, tangents):
+    """``(z, [J v])`` by ``torch.func.jvp`` through any module; ``tangents[i][t]`` is layer sel[i]'s matrix."""
+    f, params, names = _layer_function(view, X, sel)
+    T = len(tangents[0]) if tangents else 0
+    if T == 0:
+        return f(params).detach(), []
+    Jvs = []
+    for t in range(T):
+        z, Jv = jvp(f, (params,), (_tangent(view, sel, names, [m[t] for m in tangents]),))
+        Jvs.append(Jv.detach())
+    return z.detach(), Jvs
+
+
 def fisher_gram(model, X, likelihood, vectors: Sequence, layers=None, *, checked: bool = False,
-                dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+                dtype: torch.dtype | None = torch.float64, distributed=None) -> torch.Tensor:
     """Gram matrix ``[v_iᵀ F v_j]`` of the exact Fisher on (X), from J-products only (Appendix J).
 
     Computed and returned in ``dtype`` (default float64; None: the model's dtype, as the optimizer uses).
+    ``distributed``: X is this rank's shard; the Gram matrix is that of all ranks' cases.
     """
     lik = get_likelihood(likelihood)
-    z, Jvs = jacobian_products(model, X, vectors, layers, dtype=dtype, checked=checked)
+    shards = CaseShards(distributed)
+    z, Jvs = shards.run(lambda: jacobian_products(model, X, vectors, layers, dtype=dtype, checked=checked),
+                        "the J-products on this rank's cases")
+    n_cases = shards.global_count(z.shape[0], like=z)
     n = len(Jvs)
     out = torch.empty(n, n, dtype=z.dtype, device=z.device)
-    FJ = [lik.fisher_vp(z, Jv) for Jv in Jvs]
+    FJ = [output_fisher_vp(lik, z, Jv) for Jv in Jvs]
     for i in range(n):
         for j in range(i, n):
-            out[i, j] = out[j, i] = (Jvs[i] * FJ[j]).sum() / z.shape[0]
-    return out
+            out[i, j] = out[j, i] = (Jvs[i] * FJ[j]).sum()
+    shards.sum_(out)
+    return out / n_cases
 
 
 def fisher_vector_product(model, X, likelihood, v, layers=None, dtype: torch.dtype | None = torch.float64,
-                          chunk_size: int = 4096):
+                          chunk_size: int = 4096, distributed=None):
     """Matrix-free ``F v`` with the exact expectation over y: ``(1/N) Σ_n J_nᵀ F_R J_n v`` (Appendix J).
 
     For networks too large to densify. ``v`` is a flat θ-vector (paper layout, restricted to
     ``layers``) or a list of per-layer matrices; the result has the same form. Computed and returned
     in ``dtype`` (default float64; None: the model's dtype). ``chunk_size`` cases are pushed through
-    the network at a time.
+    the network at a time. ``distributed``: X is this rank's shard; every rank receives F v over all cases.
     """
     lik = get_likelihood(likelihood)
+    shards = CaseShards(distributed)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer number of cases, got {chunk_size!r}.")
     view = analysis_view(model, dtype)
     sel = view.select(layers)
-    X, _ = check_inputs(view, X, likelihood=lik)
+    X, _ = shards.run(lambda: check_inputs(view, X, likelihood=lik), "checking X")
+    n_cases = shards.global_count(X.shape[0], like=X)
     flat = isinstance(v, torch.Tensor)
     mats = _as_mats(view, sel, v)
-    acc = None
-    for start in range(0, X.shape[0], chunk_size):
-        Xc = X[start:start + chunk_size]
-        f, params, names = _layer_function(view, Xc, sel)
-        z, Jv = jvp(f, (params,), (_tangent(view, sel, names, mats),))
-        _, pullback = vjp(f, params)
-        (grads,) = pullback(lik.fisher_vp(z, Jv) / X.shape[0])
-        part = []
-        for (wn, bn) in names:
-            part.append(grads[wn] if bn is None else torch.cat([grads[wn], grads[bn][:, None]], dim=1))
-        acc = part if acc is None else [a + p for a, p in zip(acc, part)]
+
+    def local_sum():
+        acc = None
+        for start in range(0, X.shape[0], chunk_size):
+            Xc = X[start:start + chunk_size]
+            f, params, names = _layer_function(view, Xc, sel)
+            z, Jv = jvp(f, (params,), (_tangent(view, sel, names, mats),))
+            _, pullback = vjp(f, params)
+            (grads,) = pullback(output_fisher_vp(lik, z, Jv) / n_cases)
+            part = []
+            for (wn, bn) in names:
+                w = grads[wn].reshape(grads[wn].shape[0], -1)  # a convolution's (out, in, kh, kw) → (out, in·kh·kw)
+                part.append(w if bn is None else torch.cat([w, grads[bn][:, None]], dim=1))
+            acc = part if acc is None else [a + p for a, p in zip(acc, part)]
+        return acc
+
+    acc = shards.run(local_sum, "F v on this rank's cases")
+    shards.sum_(*acc)
     return view.flatten(acc) if flat else acc
