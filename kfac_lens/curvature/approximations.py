@@ -20,16 +20,17 @@ from enum import Enum
 
 import torch
 
-from ..capture import analysis_view, check_inputs, iter_captures
+from ..capture import analysis_view, check_inputs, iter_captures, layer_uses, n_directions
 from ..errors import DenseTooLargeError, SingularFactorError
 from ..likelihoods import get_likelihood
 from ..memory import available_bytes, check_dense_fits
 from ..nets import mats_to_vec, vec_to_mats
+from ..distributed import CaseShards
 from .damping import check_gamma
 from .factors import KroneckerFactors, kronecker_factors
 from .fisher import dense_fisher_from_captures
 from .inverses import BlockDiagonalInverse, BlockTridiagonalInverse, check_neighbours
-from .operators import BlockOperator
+from .operators import BlockOperator, spd_inverse
 
 
 class Approximation(str, Enum):
@@ -314,6 +315,10 @@ class ExactBlockDiagonal(CurvatureApproximation):
         out = self.gamma ** 2 * V
         for cap in self.captures:
             a, g = cap.a[k], cap.g[k]
+            if a.ndim == 3:  # U uses per case: the per-case gradient is Σ_u g_u ā_uᵀ (docs/math.md §1)
+                s = torch.einsum("rnuo,...oa,nua->...rn", g, V, a)
+                out = out + torch.einsum("...rn,rnuo,nua->...oa", s, g, a) * (cap.weight / self.n_cases)
+                continue
             s = torch.einsum("rnd,...nd->...rn", g, a @ V.transpose(-1, -2))  # g_rᵀ V ā per (r, n)
             out = out + torch.einsum("...rn,rnd->...nd", s, g).transpose(-1, -2) @ a * (cap.weight / self.n_cases)
         return out
@@ -335,11 +340,8 @@ class ExactBlockDiagonal(CurvatureApproximation):
             return None
         blocks = []
         for i, k in enumerate(self.layers):
-            L, info = torch.linalg.cholesky_ex(self.dense_block(i))
-            if int(info) != 0:
-                raise SingularFactorError(f"the exact block F_{k}{k} + γ²I (γ = {self.gamma:g}) is not positive "
-                                          "definite, so it has no inverse. Pass gamma > 0.")
-            blocks.append(torch.cholesky_inverse(L))
+            blocks.append(spd_inverse(self.dense_block(i), f"the exact block F_{k}{k} + γ²I (γ = {self.gamma:g})",
+                                      "Pass gamma > 0."))
         return DenseBlocks(blocks, self.layers, self.shapes)
 
 
@@ -350,9 +352,11 @@ def _eigenbasis(M: torch.Tensor) -> torch.Tensor:
 
 def check_capture_memory(view, layers, n_cases: int, max_bytes: int | None = None) -> None:
     """Refuse (DenseTooLargeError) to keep the captures "blockdiag-exact" needs — R·N·Σd_out + N·Σa_dim
-    numbers, R = the outputs — when above ``max_bytes`` (default: half the free memory)."""
-    R = view.layers[-1].d_out
-    need = 8 * n_cases * sum(R * view.layers[k].d_out + view.layers[k].a_dim for k in layers)
+    numbers, R = the outputs, times the uses per case of each layer — when above ``max_bytes`` (default: half
+    the free memory)."""
+    R = view.output_dim
+    need = 8 * n_cases * sum((R * view.layers[k].d_out + view.layers[k].a_dim) * (view.layers[k].uses or 1)
+                             for k in layers)
     limit = available_bytes(view.device) // 2 if max_bytes is None else int(max_bytes)
     if need > limit:
         raise DenseTooLargeError(
@@ -364,21 +368,27 @@ def check_capture_memory(view, layers, n_cases: int, max_bytes: int | None = Non
 def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, layers=None, pi="trace",
                          neighbours: str = "network", chunk_size: int | None = None,
                          factors: KroneckerFactors | None = None, max_capture_bytes: int | None = None,
-                         ) -> dict[Approximation, CurvatureApproximation]:
+                         distributed=None) -> dict[Approximation, CurvatureApproximation]:
     """The undamped operators of ``approximations`` for ``model`` on X, in float64, sharing one set of
     Kronecker factors (exact expectation; pass ``factors`` to reuse some) and one pass over the captures.
 
-    "blockdiag-exact" keeps the captures: see :func:`check_capture_memory` (``max_capture_bytes``)."""
+    "blockdiag-exact" keeps the captures: see :func:`check_capture_memory` (``max_capture_bytes``).
+    ``distributed``: X is this rank's shard and every operator is that of all ranks' cases; "blockdiag-exact"
+    (which keeps this rank's per-case captures) is not available then."""
     names = parse_approximations(approximations)
+    shards = CaseShards(distributed)
+    if shards.active and Approximation.BLOCKDIAG_EXACT in names:
+        raise ValueError("approximations: 'blockdiag-exact' keeps every case's captures in one process and is not "
+                         "available with distributed=; drop it, or compute it on one process.")
     lik = get_likelihood(likelihood)
     view = analysis_view(model, torch.float64)
     sel = view.select(layers)
-    X, _ = check_inputs(view, X, likelihood=lik)
+    X, _ = shards.run(lambda: check_inputs(view, X, likelihood=lik), "checking X")
     if Approximation.BLOCKDIAG_EXACT in names:
         check_capture_memory(view, sel, X.shape[0], max_capture_bytes)
     if factors is None:
-        pairs = "all" if Approximation.KFAC in names else "tridiag"
-        factors = kronecker_factors(view, X, lik, layers=sel, pairs=pairs, chunk_size=chunk_size)
+        factors = kronecker_factors(view, X, lik, layers=sel, pairs=factor_pairs(view, sel, names, X),
+                                    chunk_size=chunk_size, distributed=distributed)
     shapes = [view.layers[k].shape for k in sel]
     ops: dict[Approximation, CurvatureApproximation] = {}
     makers = {Approximation.KFAC: lambda: KroneckerFisher(factors, 0.0, pi, sel),
@@ -394,17 +404,32 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
         diag = {k: 0.0 for k in sel}
         scal = {k: 0.0 for k in sel}
         kept = []
-        for cap in iter_captures(view, X, lik, sel, "exact", chunk_size=chunk_size, desc="exact blocks"):
-            for k in sel:
-                a, g = cap.a[k], cap.g[k]
-                if Approximation.DIAGONAL in wanted:
-                    diag[k] = diag[k] + g.square().sum(0).T @ a.square() * cap.weight
-                if Approximation.EKFAC in wanted:
-                    QA, QG = eig[k]
-                    scal[k] = scal[k] + (g @ QG).square().sum(0).T @ (a @ QA).square() * cap.weight
-            if keep:
-                kept.append(cap)
-        N = X.shape[0]
+
+        uses = layer_uses(view, X)
+        extra = n_directions(view, "exact", 1) * max(view.layers[k].n_params for k in sel) \
+            if any(uses[k] > 1 for k in sel) else 0
+
+        def accumulate():
+            for cap in iter_captures(view, X, lik, sel, "exact", chunk_size=chunk_size, extra_per_case=extra,
+                                     desc="exact blocks"):
+                for k in sel:
+                    a, g = cap.a[k], cap.g[k]
+                    if a.ndim == 3:
+                        _accumulate_uses(k, a, g, cap.weight, wanted, eig, diag, scal)
+                        continue
+                    if Approximation.DIAGONAL in wanted:
+                        diag[k] = diag[k] + g.square().sum(0).T @ a.square() * cap.weight
+                    if Approximation.EKFAC in wanted:
+                        QA, QG = eig[k]
+                        scal[k] = scal[k] + (g @ QG).square().sum(0).T @ (a @ QA).square() * cap.weight
+                if keep:
+                    kept.append(cap)
+
+        shards.run(accumulate, "the exact diagonal and eigenbasis sums on this rank's cases")
+        sums = ([diag[k] for k in sel] if Approximation.DIAGONAL in wanted else []) + \
+            ([scal[k] for k in sel] if Approximation.EKFAC in wanted else [])
+        shards.sum_(*sums)
+        N = shards.global_count(X.shape[0], like=X)
         if Approximation.DIAGONAL in wanted:
             ops[Approximation.DIAGONAL] = DiagonalFisher([diag[k] / N for k in sel], sel, shapes)
         if Approximation.EKFAC in wanted:
@@ -413,6 +438,40 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
         if keep:
             ops[Approximation.BLOCKDIAG_EXACT] = ExactBlockDiagonal(kept, view, N, sel)
     return {name: ops[name] for name in names}
+
+
+def _accumulate_uses(k, a, g, weight, wanted, eig, diag, scal) -> None:
+    """diag(F) and the EK-FAC scaling of a layer with U uses per case, from its per-case gradients
+    Σ_u g_{r,u} ā_uᵀ (no Kronecker shortcut; docs/math.md §1)."""
+    if Approximation.DIAGONAL in wanted:
+        diag[k] = diag[k] + torch.einsum("rnuo,nua->rnoa", g, a).square().sum((0, 1)) * weight
+    if Approximation.EKFAC in wanted:
+        QA, QG = eig[k]
+        scal[k] = scal[k] + torch.einsum("rnuo,nua->rnoa", g @ QG, a @ QA).square().sum((0, 1)) * weight
+
+
+def factor_pairs(view, layers: Sequence[int], names, X=None) -> str:
+    """The Kronecker factor pairs that ``names`` need: "all" for "kfac", else "tridiag" (also the reference
+    preconditioner's), or "diag" when neighbouring layers have different numbers of uses per case, whose
+    KFAC-expand cross factors are undefined (docs/math.md §3). A ``ValueError`` names the pair when "kfac" or
+    "kfac-tridiag" needs such factors."""
+    uses = layer_uses(view, X)
+    names = parse_approximations(names)
+    every = [(k, l) for i, k in enumerate(layers) for l in layers[i + 1:]]
+    neighbours = list(zip(layers[:-1], layers[1:]))
+    for name, pairs in ((Approximation.KFAC, every), (Approximation.KFAC_TRIDIAG, neighbours)):
+        bad = [(k, l) for k, l in pairs if uses[k] != uses[l]]
+        if name in names and bad:
+            (k, l), Lk, Ll = bad[0], view.layers[bad[0][0]], view.layers[bad[0][1]]
+            raise ValueError(
+                f"approximations: '{str(name)}' needs the cross factors A[{k}, {l}] of layers '{Lk.name}' and "
+                f"'{Ll.name}', which have {uses[k]} and {uses[l]} uses per case (a convolution's positions, tied or "
+                "sequence layers); KFAC-expand defines cross factors only between layers with equal uses. Use "
+                "'kfac-blockdiag', 'ekfac', 'diagonal' or 'blockdiag-exact' for this network, or restrict layers= "
+                "to layers with equal uses.")
+    if Approximation.KFAC in names:
+        return "all"
+    return "diag" if any(uses[k] != uses[l] for k, l in neighbours) else "tridiag"
 
 
 def approximation_operator(name, model, X, likelihood, gamma: float = 0.0, layers=None, pi="trace",

@@ -35,6 +35,7 @@ from ..capture import (
     positive_int,
 )
 from ..errors import DenseTooLargeError
+from ..distributed import CaseShards
 from ..likelihoods import Categorical, get_likelihood
 from ..memory import available_bytes
 from ..nets import layer_index
@@ -91,7 +92,7 @@ def _plan_chunk(view, k: int, l: int, R: int, N: int | None, dtype: torch.dtype,
     chunk = default_chunk(view, R, extra) if chunk_size is None else chunk_size
     if N is not None:
         chunk = max(1, min(chunk, N))
-    widths = sum(L.d_out for L in view.layers) + view.layers[-1].d_out
+    widths = sum(L.d_out for L in view.layers) + view.output_dim
     per_case = R * widths + sum(L.a_dim for L in view.layers) + extra
     itemsize = torch.empty((), dtype=dtype).element_size()
     T = Da * db * Dc * dd
@@ -109,11 +110,11 @@ def _plan_chunk(view, k: int, l: int, R: int, N: int | None, dtype: torch.dtype,
 
 
 # ----------------------------------------------------------------------------- passes over chunks
-def _chunks(view, X, y, lik, k, l, estimator, samples, gen, chunk):
-    """Yield (ā_k (n, Da), g_k (R, n, db), ā_l (n, Dc), g_l (R, n, dd), w (R, n)) per chunk; Σ w = 1."""
-    N = X.shape[0]
+def _chunks(view, X, y, lik, k, l, estimator, samples, gen, chunk, N):
+    """Yield (ā_k (n, Da), g_k (R, n, db), ā_l (n, Dc), g_l (R, n, dd), w (R, n)) per chunk; Σ w = 1 over
+    the N cases of all ranks."""
     layers = sorted({k, l})
-    for start in range(0, N, chunk):
+    for start in range(0, X.shape[0], chunk):
         sl = slice(start, start + chunk)
         z, a, s = forward(view, X[sl], layers)
         zd = z.detach()
@@ -130,6 +131,10 @@ def _chunks(view, X, y, lik, k, l, estimator, samples, gen, chunk):
             V = lik.grad_z(zd, lik.check_targets(zd, y[sl]))[None]
             w = torch.full((1, n), 1.0 / N, dtype=zd.dtype, device=zd.device)
         g = backward_directions(z, s, layers, V.to(zd.dtype))
+        for j in layers:
+            if a[j].ndim == 3:  # one use per case, given as (n, 1, ·): the plain rows
+                _refuse_multi_use(view, j, a[j].shape[1])
+                a[j], g[j] = a[j][:, 0], g[j][:, :, 0]
         yield a[k], g[k], a[l], g[l], w
 
 
@@ -209,12 +214,36 @@ def _assemble(S, mu):
     return diff, k4, ta, tc
 
 
+def _refuse_multi_use(view, k: int, uses: int | None) -> None:
+    """Appendix B pairs one ā_k with one g_k per case; a layer used U > 1 times per case has the gradient
+    Σ_u g_u ā_uᵀ, and neither KFAC-expand nor KFAC-reduce is E[ā āᵀ] ⊗ E[g gᵀ] of one such pair."""
+    if uses is not None and uses > 1:
+        L = view.layers[k]
+        raise ValueError(
+            f"cumulant_terms: layer {k} ('{L.name}', {type(L.module).__name__}) is used {uses} times per case "
+            "(tied weights, sequence positions or a convolution's positions). The Appendix B identity is "
+            "stated for layers used once per case, so cumulant_terms supports those only: pick blocks (k, l) "
+            "of such layers (see view.summary(), column 'uses').")
+
+
+def _refuse_outputs_per_position(view) -> None:
+    shape = view.output_shape
+    if shape is not None and len(shape) != 2:
+        raise ValueError(
+            f"cumulant_terms: the network output has shape {shape}, one likelihood term per position; the "
+            "Appendix B terms are computed for outputs of shape (N, C). Pool or flatten the positions in "
+            "forward to study this network's cumulants.")
+
+
 # ----------------------------------------------------------------------------- public entry point
 def cumulant_terms(model, X, likelihood, k: int, l: int, estimator: str | None = None, y=None,
                    samples: int = 64, generator=None, seed: int | None = 0,
                    dtype: torch.dtype = torch.float64, chunk_size: int | None = None,
-                   max_bytes: int | None = None) -> CumulantTerms:
-    """The Appendix B decomposition of block (k, l) of F − F̃ (0-based Linear layers k ≤ l or any order).
+                   max_bytes: int | None = None, distributed=None) -> CumulantTerms:
+    """The Appendix B decomposition of block (k, l) of F − F̃ (0-based layers k ≤ l or any order; docs/math.md §6).
+
+    Layers used once per case only (a ``ValueError`` names a tied, sequence or convolution layer), on
+    outputs of shape (N, C).
 
     ``estimator``: None picks "exact" for categorical outputs (y enumerated, weighted by p) and
     "mc" otherwise (``samples`` sampled targets per case — a *sampled* estimate); "empirical" uses
@@ -223,9 +252,12 @@ def cumulant_terms(model, X, likelihood, k: int, l: int, estimator: str | None =
     Cases are processed ``chunk_size`` at a time (None: automatic); results do not depend on it beyond
     rounding, except that "mc" draws its targets chunk by chunk. Raises :class:`DenseTooLargeError`
     before any work when the five (a_dim_k·d_k·a_dim_l·d_l) tensors would exceed ``max_bytes``
-    (default: 80% of the free memory).
+    (default: 80% of the free memory). ``distributed``: X (and y) are this rank's shard; every rank receives
+    the terms over all cases (the means and the centred sums are all-reduced; rank r samples with its own
+    seed).
     """
     lik = get_likelihood(likelihood)
+    shards = CaseShards(distributed)
     samples = positive_int(samples, "samples", "targets sampled per case")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, "chunk_size", "a number of cases per chunk, or None for automatic")
@@ -242,16 +274,20 @@ def cumulant_terms(model, X, likelihood, k: int, l: int, estimator: str | None =
         )
     if estimator == "empirical" and y is None:
         raise ValueError("estimator='empirical' needs the training targets: pass y=.")
-    R = {"exact": plain.layers[-1].d_out, "mc": samples, "empirical": 1}[estimator]
+    for j in (k, l):
+        _refuse_multi_use(plain, j, plain.layers[j].uses)
+    _refuse_outputs_per_position(plain)
+    R = {"exact": plain.output_dim, "mc": samples, "empirical": 1}[estimator]
     shape = getattr(X, "shape", None)
     N = int(shape[0]) if shape is not None and len(shape) > 0 else None
     chunk = _plan_chunk(plain, k, l, R, N, dtype or plain.dtype, chunk_size, max_bytes)
 
     view = analysis_view(model, dtype)
-    X, y = check_inputs(view, X, y, likelihood=lik)
+    X, y = shards.run(lambda: check_inputs(view, X, y, likelihood=lik), "checking X and y")
+    n_total = shards.global_count(X.shape[0], like=X)
     gen = None
     if estimator == "mc":
-        gen = make_generator(view.device, generator, seed)
+        gen = make_generator(view.device, generator, shards.seed(seed) if shards.active else seed)
         if gen is None:  # global RNG: draw a seed from it, so that both passes see the same targets
             gen = make_generator(view.device, None, int(torch.randint(0, 2**62, ()).item()))
         state = gen.get_state()
@@ -259,14 +295,19 @@ def cumulant_terms(model, X, likelihood, k: int, l: int, estimator: str | None =
     def passes():
         if estimator == "mc":
             gen.set_state(state)
-        return _chunks(view, X, y, lik, k, l, estimator, samples, gen, chunk)
+        return _chunks(view, X, y, lik, k, l, estimator, samples, gen, chunk, n_total)
 
-    if math.ceil(X.shape[0] / chunk) == 1:  # one chunk: capture once, use it for both passes
-        cached = list(passes())
-        mu = _means(cached)
-        S = _centred_sums(cached, mu)
-    else:
-        mu = _means(passes())
-        S = _centred_sums(passes(), mu)
+    one_chunk, cached = math.ceil(X.shape[0] / chunk) == 1, []  # one chunk: capture once, use it twice
+
+    def local_means():
+        if one_chunk:
+            cached.extend(passes())
+        return _means(cached if one_chunk else passes())
+
+    mu = shards.run(local_means, "the means on this rank's cases")
+    shards.sum_(*mu)
+    S = shards.run(lambda: _centred_sums(cached if one_chunk else passes(), mu),
+                   "the centred sums on this rank's cases")
+    shards.sum_(*S.values())
     diff, k4, ta, tc = _assemble(S, mu)
     return CumulantTerms(k, l, diff, k4, ta, tc, estimator, exact=(estimator == "exact"))

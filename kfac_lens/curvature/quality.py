@@ -5,7 +5,7 @@ Definitions (all in float64, exact expectation over y throughout):
 
 - ``rel_frobenius`` = ‖F − F_a‖_F / ‖F‖_F for the *undamped* approximation F_a and the exact Fisher F.
 - ``ng_cosine``: cosine between ``(F_a,γ)⁻¹∇h`` and the exact damped natural gradient ``(F + γ²I)⁻¹∇h``,
-  as :meth:`~kfac_lens.figures.CurvatureStudy.exact_natural_gradient` defines it: factored Tikhonov with
+  as :meth:`~kfac_lens.study.CurvatureStudy.exact_natural_gradient` defines it: factored Tikhonov with
   strength γ (Appendix E.3) adds ``πγ I⊗G + (γ/π) Ā⊗I + γ² I`` to a Kronecker block, whose isotropic part
   is γ²I. F_a,γ is factored Tikhonov for "kfac", "kfac-blockdiag", "kfac-tridiag" (as the inverse
   operators do) and F_a + γ²I for "ekfac", "diagonal", "blockdiag-exact". ∇h is the gradient of the mean
@@ -46,7 +46,8 @@ import torch
 from torch.func import functional_call
 
 from ..capture import analysis_view, check_inputs, positive_int
-from ..errors import DenseTooLargeError, SingularFactorError
+from ..distributed import CaseShards
+from ..errors import DenseTooLargeError
 from ..likelihoods import get_likelihood
 from ..nets import mats_to_vec
 from .approximations import (
@@ -56,11 +57,14 @@ from .approximations import (
     BlockTridiagonalKronecker,
     build_approximations,
     check_capture_memory,
+    factor_pairs,
     parse_approximations,
 )
+from .blocks import block_kind
 from .estimators import conjugate_gradient, lanczos, probe_vectors, ratio_estimate, relative_frobenius_errors
 from .factors import kronecker_factors
 from .fisher import exact_fisher, fisher_vector_product
+from .operators import spd_cholesky, spd_inverse
 
 METHODS = ("dense", "matrix-free")
 
@@ -104,12 +108,16 @@ def _check_spectra(spectra, names: list[Approximation], method: str) -> list[App
 
 
 # ----------------------------------------------------------------------------- the loss gradient ∇h
-def loss_gradient(model, X, y, likelihood, layers=None, chunk_size: int = 4096) -> torch.Tensor:
-    """∇h of the mean loss ``h = (1/N) Σ_n L(y_n, f(x_n, θ))`` for ``layers``, as a flat θ-vector (paper layout)."""
+def loss_gradient(model, X, y, likelihood, layers=None, chunk_size: int = 4096, distributed=None) -> torch.Tensor:
+    """∇h of the mean loss ``h = (1/N) Σ_n L(y_n, f(x_n, θ))`` for ``layers``, as a flat θ-vector (paper layout).
+
+    ``distributed``: (X, y) are this rank's shard and N counts every rank's cases."""
     lik = get_likelihood(likelihood)
+    shards = CaseShards(distributed)
     view = analysis_view(model, torch.float64)
     sel = view.select(layers)
-    X, y = check_inputs(view, X, y, likelihood=lik)
+    X, y = shards.run(lambda: check_inputs(view, X, y, likelihood=lik), "checking X and y")
+    n_cases = shards.global_count(X.shape[0], like=X)
     names = view.parameter_names(sel)
     params = {}
     for (wn, bn), k in zip(names, sel):
@@ -118,35 +126,46 @@ def loss_gradient(model, X, y, likelihood, layers=None, chunk_size: int = 4096) 
         if bn is not None:
             params[bn] = mod.bias.detach().clone().requires_grad_(True)
     grads = dict.fromkeys(params, 0.0)
-    with torch.enable_grad():
-        for start in range(0, X.shape[0], chunk_size):
-            z = functional_call(view.model, params, (X[start:start + chunk_size],))
-            h = lik.per_case_nll(z, lik.check_targets(z, y[start:start + chunk_size])).sum() / X.shape[0]
-            for key, gr in zip(params, torch.autograd.grad(h, list(params.values()))):
-                grads[key] = grads[key] + gr
-    mats = [grads[wn] if bn is None else torch.cat([grads[wn], grads[bn][:, None]], dim=1) for wn, bn in names]
-    return mats_to_vec(mats)
+
+    def local_sum():
+        with torch.enable_grad():
+            for start in range(0, X.shape[0], chunk_size):
+                z = functional_call(view.model, params, (X[start:start + chunk_size],))
+                h = lik.per_case_nll(z, lik.check_targets(z, y[start:start + chunk_size])).sum() / n_cases
+                for key, gr in zip(params, torch.autograd.grad(h, list(params.values()))):
+                    grads[key] = grads[key] + gr
+
+    shards.run(local_sum, "∇h on this rank's cases")
+    weights = [grads[wn].reshape(grads[wn].shape[0], -1) for wn, _ in names]  # a convolution's (out, in·kh·kw)
+    mats = [w if bn is None else torch.cat([w, grads[bn][:, None]], dim=1) for w, (_, bn) in zip(weights, names)]
+    flat = mats_to_vec(mats)
+    shards.sum_(flat)
+    return flat
 
 
 # ----------------------------------------------------------------------------- shared set-up
 class _Setup:
     """The checked inputs, the factors, the operators and the gradient shared by both methods."""
 
-    def __init__(self, model, X, likelihood, approximations, y, layers, pi, neighbours, chunk_size):
+    def __init__(self, model, X, likelihood, approximations, y, layers, pi, neighbours, chunk_size,
+                 distributed=None):
         self.lik = get_likelihood(likelihood)
+        self.distributed = distributed
+        shards = CaseShards(distributed)
         self.view = analysis_view(model, torch.float64)
         self.sel = self.view.select(layers)
-        self.X, self.y = check_inputs(self.view, X, y, likelihood=self.lik)
+        self.X, self.y = shards.run(lambda: check_inputs(self.view, X, y, likelihood=self.lik), "checking X and y")
         self.names = parse_approximations(approximations)
         self.pi, self.neighbours, self.chunk_size = pi, neighbours, chunk_size
         if Approximation.BLOCKDIAG_EXACT in self.names:  # before any work
             check_capture_memory(self.view, self.sel, self.X.shape[0])
-        pairs = "all" if Approximation.KFAC in self.names else "tridiag"
+        pairs = factor_pairs(self.view, self.sel, self.names, self.X)
         self.factors = kronecker_factors(self.view, self.X, self.lik, layers=self.sel, pairs=pairs,
-                                         chunk_size=chunk_size)
+                                         chunk_size=chunk_size, distributed=distributed)
         self.ops = build_approximations(self.view, self.X, self.lik, self.names, self.sel, pi, neighbours,
-                                        chunk_size, factors=self.factors)
-        self.grad = None if self.y is None else loss_gradient(self.view, self.X, self.y, self.lik, self.sel)
+                                        chunk_size, factors=self.factors, distributed=distributed)
+        self.grad = None if self.y is None else loss_gradient(self.view, self.X, self.y, self.lik, self.sel,
+                                                              distributed=distributed)
         self.P = self.view.n_params(self.sel)
         self.fisher_products = 0
 
@@ -155,11 +174,14 @@ class _Setup:
         self.fisher_products += V.shape[1]
         chunk = 4096 if self.chunk_size is None else int(self.chunk_size)
         return torch.stack([fisher_vector_product(self.view, self.X, self.lik, V[:, i], layers=self.sel,
-                                                  chunk_size=chunk) for i in range(V.shape[1])], dim=1)
+                                                  chunk_size=chunk, distributed=self.distributed)
+                            for i in range(V.shape[1])], dim=1)
 
     def reference_preconditioner(self, gamma: float, inverses: dict):
-        """F̂_γ⁻¹ where the layers allow it (consecutive layers), else F̆_γ⁻¹ (reusing ``inverses``)."""
+        """F̂_γ⁻¹ where the layers allow it (consecutive layers with neighbour factors), else F̆_γ⁻¹ (reusing
+        ``inverses``)."""
         chain = self.neighbours == "selected" or all(b == a + 1 for a, b in zip(self.sel, self.sel[1:]))
+        chain = chain and all((a, b) in self.factors.A for a, b in zip(self.sel, self.sel[1:]))
         kind = Approximation.KFAC_TRIDIAG if chain else Approximation.KFAC_BLOCKDIAG
         if inverses.get(kind) is not None:
             return inverses[kind]
@@ -179,18 +201,10 @@ def _row(name, method, gamma, value, lo, hi, cos, eigs_F, eigs_pre, cond) -> dic
             "precond_cond": cond}
 
 
-def _spd_cholesky(M: torch.Tensor, what: str) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(0.5 * (M + M.T))
-    if int(info) != 0:
-        raise SingularFactorError(f"{what} is not positive definite, so it cannot be inverted; pass gamma > 0 "
-                                  "(damping) or a larger gamma.")
-    return L
-
-
 # ----------------------------------------------------------------------------- dense
 def _dense_fisher(s: _Setup) -> torch.Tensor:
     try:
-        return exact_fisher(s.view, s.X, s.lik, layers=s.sel, chunk_size=s.chunk_size)
+        return exact_fisher(s.view, s.X, s.lik, layers=s.sel, chunk_size=s.chunk_size, distributed=s.distributed)
     except DenseTooLargeError as err:
         raise DenseTooLargeError(f"{err} Here: pass method='matrix-free'.") from None
 
@@ -203,7 +217,7 @@ def _dense(s: _Setup, gamma, top_k, spectra) -> tuple[list[dict], dict]:
     if gamma is not None:
         Fg = F + gamma ** 2 * torch.eye(s.P, dtype=F.dtype, device=F.device)
         if s.grad is not None:
-            reference = torch.cholesky_solve(s.grad[:, None], _spd_cholesky(Fg, f"F + γ²I (γ = {gamma:g})"))[:, 0]
+            reference = torch.cholesky_solve(s.grad[:, None], spd_cholesky(Fg, f"F + γ²I (γ = {gamma:g})"))[:, 0]
     rows = []
     for name, op in s.ops.items():
         rel = float((F - op.dense()).norm()) / Fn if Fn > 0 else float("nan")
@@ -214,11 +228,11 @@ def _dense(s: _Setup, gamma, top_k, spectra) -> tuple[list[dict], dict]:
             if inv is not None:
                 M_inv = inv.dense()
             else:
-                M_inv = torch.cholesky_inverse(_spd_cholesky(damped.dense(), f"damped {name} (γ = {gamma:g})"))
+                M_inv = spd_inverse(damped.dense(), f"damped {name} (γ = {gamma:g})")
             if reference is not None:
                 cos = _cosine(M_inv @ s.grad, reference)
             if name in spectra:
-                C = _spd_cholesky(M_inv, f"the inverse of damped {name} (γ = {gamma:g})")
+                C = spd_cholesky(M_inv, f"the inverse of damped {name} (γ = {gamma:g})")
                 ev = torch.linalg.eigvalsh(C.T @ Fg @ C).flip(0)
                 eigs, cond = [float(t) for t in ev[:top_k]], float(ev[0] / ev[-1])
         rows.append(_row(name, "dense", gamma, rel, rel, rel, cos, eigs_F, eigs, cond))
@@ -304,7 +318,7 @@ def compare_approximations(model, X, likelihood, approximations: Sequence[str] =
                            seed: int | None = 0, layers=None, top_k: int = 10, spectra=None, pi="trace",
                            neighbours: str = "network", confidence: float = 0.95, deflate: bool = True,
                            max_steps: int | None = None, tol: float = 1e-4, cg_tol: float = 1e-6,
-                           chunk_size: int | None = None) -> pd.DataFrame:
+                           chunk_size: int | None = None, distributed=None) -> pd.DataFrame:
     """One row per approximation of the exact Fisher of ``model`` on X (see the module docstring).
 
     Columns: approximation, method, gamma, rel_frobenius, ci_low, ci_high, ng_cosine, top_eigs_F,
@@ -316,7 +330,8 @@ def compare_approximations(model, X, likelihood, approximations: Sequence[str] =
     Lanczos steps (default min(P, 4·top_k + 40); 500 for the CG solves); ``tol``: Ritz residual bound
     relative to θ_max, which bounds each reported eigenvalue's error (usually far smaller; 0: always run
     ``max_steps``, which at P steps gives every eigenvalue); ``cg_tol``: relative residual of the CG solves.
-    Diagnostics (F-products used, steps, residuals, seconds) are in ``df.attrs``.
+    Diagnostics (F-products used, steps, residuals, seconds) are in ``df.attrs``. ``distributed``: X (and y)
+    are this rank's shard; every rank gets the table for all cases (the probes use ``seed`` on every rank).
     """
     t0 = time.perf_counter()
     method = _check_method(method)
@@ -326,7 +341,7 @@ def compare_approximations(model, X, likelihood, approximations: Sequence[str] =
     confidence = _check_confidence(confidence)
     if max_steps is not None:
         max_steps = positive_int(max_steps, "max_steps", "Lanczos steps, or None for automatic")
-    s = _Setup(model, X, likelihood, approximations, y, layers, pi, neighbours, chunk_size)
+    s = _Setup(model, X, likelihood, approximations, y, layers, pi, neighbours, chunk_size, distributed)
     seconds_setup = time.perf_counter() - t0
     spectra = _check_spectra(spectra, s.names, method)
     top_k = min(top_k, s.P)
@@ -342,14 +357,10 @@ def compare_approximations(model, X, likelihood, approximations: Sequence[str] =
     return df
 
 
-def _block_kind(i: int, j: int) -> str:
-    return "diagonal" if i == j else ("tridiagonal" if abs(i - j) == 1 else "off-tridiagonal")
-
-
 def compare_approximation_blocks(model, X, likelihood, approximations: Sequence[str] = APPROXIMATIONS, *,
                                  method: str = "dense", probes: int = 30, seed: int | None = 0, layers=None,
                                  pi="trace", neighbours: str = "network", confidence: float = 0.95,
-                                 chunk_size: int | None = None) -> pd.DataFrame:
+                                 chunk_size: int | None = None, distributed=None) -> pd.DataFrame:
     """Per-block ‖F_kl − F_a,kl‖_F / ‖F_kl‖_F (undamped) for every approximation and block (k, l).
 
     Columns: approximation, block_row, block_col (layer indices), kind (diagonal / tridiagonal /
@@ -360,7 +371,7 @@ def compare_approximation_blocks(model, X, likelihood, approximations: Sequence[
     method = _check_method(method)
     probes = positive_int(probes, "probes", "random probe vectors for method='matrix-free', e.g. probes=30")
     confidence = _check_confidence(confidence)
-    s = _Setup(model, X, likelihood, approximations, None, layers, pi, neighbours, chunk_size)
+    s = _Setup(model, X, likelihood, approximations, None, layers, pi, neighbours, chunk_size, distributed)
     slices = s.view.block_slices(s.sel)
     gen = None if seed is None else torch.Generator(device=s.view.device).manual_seed(int(seed))
     rows = []
@@ -385,7 +396,7 @@ def compare_approximation_blocks(model, X, likelihood, approximations: Sequence[
                     rows.append((name, i, j, e.value, e.ci_low, e.ci_high))
     rows.sort(key=lambda r: (s.names.index(r[0]), r[1], r[2]))
     out = pd.DataFrame([{"approximation": str(name), "block_row": s.sel[i], "block_col": s.sel[j],
-                         "kind": _block_kind(i, j), "rel_frobenius": v, "ci_low": lo, "ci_high": hi}
+                         "kind": block_kind(i, j).value, "rel_frobenius": v, "ci_low": lo, "ci_high": hi}
                         for name, i, j, v, lo, hi in rows])
     out.attrs.update(fisher_products=s.fisher_products, method=method)
     return out

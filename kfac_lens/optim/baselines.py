@@ -3,7 +3,8 @@
 - :class:`SGDNesterov`: the paper's baseline (Section 7): SGD with Nesterov momentum and the increasing
   μ schedule of Sutskever et al. (2013), μ_t = min(1 − 2^(−1−log₂(⌊t/250⌋+1)), μ_max).
 - :class:`Adam`.
-Both minimise h(θ) = mean NLL + (η/2)‖θ‖².
+Both minimise h(θ) = mean NLL + (η/2)‖θ‖², and read any ``nn.Module`` given ``example_input=`` as K-FAC does
+(:mod:`.general`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import torch
 from ..capture import check_inputs
 from ..errors import NonFiniteError
 from ..likelihoods import get_likelihood
-from ..nets import NetworkView
+from .general import check_output_targets, kfac_view, output_nll
 from .schedules import resolve, sutskever_momentum
 
 
 class _TorchBaseline:
     name = "baseline"
 
-    def __init__(self, model, likelihood, eta=1e-5):
-        self.view = NetworkView(model)
+    def __init__(self, model, likelihood, eta=1e-5, example_input=None):
+        self.view = kfac_view(model, example_input)
         self.model = self.view.model
         self.likelihood = get_likelihood(likelihood)
         self.eta = eta
@@ -42,7 +43,7 @@ class _TorchBaseline:
         extra = self._before_step()
         self.opt.zero_grad(set_to_none=True)
         z = self.model(x)
-        loss = self.likelihood.nll(z, self.likelihood.check_targets(z.detach(), y))
+        loss = output_nll(self.likelihood, z, check_output_targets(self.likelihood, z.detach(), y))
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {float(loss.detach())} at iteration {self.k}; lower the learning "
                                  "rate. The last good checkpoint is kept.")
@@ -66,12 +67,12 @@ class SGDNesterov(_TorchBaseline):
 
     name = "SGD-Nesterov"
 
-    def __init__(self, model, likelihood, lr=0.01, momentum=None, mu_max=0.99, eta=1e-5):
+    def __init__(self, model, likelihood, lr=0.01, momentum=None, mu_max=0.99, eta=1e-5, example_input=None):
         if not float(resolve(lr, 1)) > 0:  # lr may be a callable of k (resolved in _before_step)
             raise ValueError(f"lr must be positive, got {lr}.")
         self.lr = lr
         self.momentum = momentum if momentum is not None else (lambda k: sutskever_momentum(k, mu_max))
-        super().__init__(model, likelihood, eta)
+        super().__init__(model, likelihood, eta, example_input)
 
     def _make(self):
         return torch.optim.SGD(self.model.parameters(), lr=resolve(self.lr, 1), momentum=0.5, nesterov=True,
@@ -90,11 +91,11 @@ class Adam(_TorchBaseline):
 
     name = "Adam"
 
-    def __init__(self, model, likelihood, lr=1e-3, betas=(0.9, 0.999), eta=1e-5):
+    def __init__(self, model, likelihood, lr=1e-3, betas=(0.9, 0.999), eta=1e-5, example_input=None):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         self.lr, self.betas = lr, betas
-        super().__init__(model, likelihood, eta)
+        super().__init__(model, likelihood, eta, example_input)
 
     def _make(self):
         return torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.eta)

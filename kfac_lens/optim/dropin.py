@@ -152,6 +152,9 @@ class BatchRecorder:
         elif self.forwards > 1:
             problem = (f"{self.forwards} forward passes since the last step; K-FAC takes one mini-batch per step "
                        "(one forward, loss and backward pass, then step)")
+        elif self.z is not None and self.z.ndim != 2:
+            problem = (f"the model's output has shape {tuple(self.z.shape)}, one likelihood term per position, and "
+                       "the drop-in step reads outputs of shape (N, C)")
         elif self.y is None:
             problem = (f"the {loss_name} given to KFAC was not called on the model's output "
                        + ("(it was called on another tensor)" if self.other_loss else ""))

@@ -3,7 +3,9 @@
 ``J v`` is the linearised forward pass ``ṡ_k = W_k ȧ_k + V_k ā_k``, ``ȧ_{k+1} = φ'(s_k) ⊙ ṡ_k``. Its primal
 quantities (ā_k and φ'(s_k)) are those of the gradient pass, so the network is not run again: for the
 elementwise activations (Sigmoid, Tanh, ReLU, Identity) φ' is read off the next layer's input. Any other
-module between the layers falls back to :func:`kfac_lens.jacobian_products`, which runs the primal pass.
+module between the layers, and any network that is not a chain of Linear layers (convolutions, skip
+connections, tied or sequence layers: docs/math.md §1), falls back to :func:`kfac_lens.jacobian_products`,
+which runs the primal pass (forward-mode products through the whole module).
 All tangents share one pass (batched), and everything runs in the model's dtype; the Gram sums are
 accumulated in float64.
 """
@@ -15,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..curvature.fisher import jacobian_products
+from ..curvature.fisher import jacobian_products, output_fisher_vp
 from ..likelihoods import Likelihood
 from ..nets import NetworkView
 from .passes import GradientPass
@@ -31,7 +33,10 @@ DERIVATIVE_FROM_OUTPUT: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
 def linearisation_plan(view: NetworkView) -> list | None:
     """For each layer k, φ' of the modules that follow it (None: the identity), or None for the whole plan
     when some module between the layers is not one activation of :data:`DERIVATIVE_FROM_OUTPUT` (plus
-    Identity modules). Modules before the first layer do not depend on θ and may be anything."""
+    Identity modules), or for a view that is not a chain of Linear layers. Modules before the first layer do
+    not depend on θ and may be anything."""
+    if not view.is_chain:
+        return None
     positions = {id(L.module): L.index for L in view.layers}
     plan: list = [None] * len(view.layers)
     current = None
@@ -50,7 +55,7 @@ def linearisation_plan(view: NetworkView) -> list | None:
 
 def jacobian_vector_products(view: NetworkView, batch: GradientPass, cases: torch.Tensor | None,
                              vectors: Sequence[Sequence[torch.Tensor]], plan: list | None):
-    """(z, Jv) on the given cases (None: all), Jv of shape (T, n, C) for T per-layer-matrix vectors."""
+    """(z, Jv) on the given cases (None: all), Jv of shape (T, n, C) (or (T, n, *output)) for T vectors."""
     if plan is None:
         x = batch.x if cases is None else batch.x[cases]
         z, Jvs = jacobian_products(view, x, list(vectors), dtype=None, checked=True)
@@ -90,6 +95,6 @@ def fisher_gram_from_pass(view: NetworkView, likelihood: Likelihood, batch: Grad
     """``[vᵢᵀ F vⱼ]`` (float64, T×T) of the exact Fisher on the given cases: ``(Jvᵢ)ᵀ F_R (Jvⱼ)`` averaged."""
     z, Jv = jacobian_vector_products(view, batch, cases, vectors, plan)
     T, n = Jv.shape[0], Jv.shape[1]
-    FJ = torch.stack([likelihood.fisher_vp(z, Jv[t]) for t in range(T)])
+    FJ = torch.stack([output_fisher_vp(likelihood, z, Jv[t]) for t in range(T)])
     G = (Jv.reshape(T, -1).double() @ FJ.reshape(T, -1).double().T) / n
     return torch.triu(G) + torch.triu(G, 1).T  # symmetric by construction

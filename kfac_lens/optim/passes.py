@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture import Capture, backward_directions, forward, output_directions
+from ..capture import Capture, LayerOutputs, backward_directions, forward, layer_uses, output_directions
 from ..curvature.factors import KroneckerFactors, factors_from_captures
 from ..errors import NonFiniteError
 from ..likelihoods import Likelihood
 from ..nets import NetworkView
+from .general import check_inverse_uses, check_output_targets, output_nll
 
 
 @dataclass
@@ -27,8 +28,9 @@ class GradientPass:
 
     - ``loss``: the mean NLL h_data(θ) as a 0-d tensor (kept on the device);
     - ``data_grad``: its gradient, one ``(d_out, a_dim)`` matrix per layer (no ℓ2 term);
-    - ``a[k]``: the inputs of layer k, one row per case, with or without the homogeneous 1;
-    - ``g[k]``: ∂h_data/∂s_k per case (None when the pass did not keep them);
+    - ``a[k]``: the inputs of layer k, one row per case, with or without the homogeneous 1 (not kept for a
+      layer with several uses per case; docs/math.md §1);
+    - ``g[k]``: ∂h_data/∂s_k per case, (n, U, d_out) for U uses (None when the pass did not keep them);
     - ``z``: the network output (detached).
     """
 
@@ -42,14 +44,19 @@ class GradientPass:
 
     def low_rank_pieces(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(g columns, ā rows) with ``data_grad[k] = g_cols @ a_rows`` (Appendix G), when the pass kept g
-        (then ``a`` holds ā, with the homogeneous 1)."""
-        return None if self.g is None else (self.g[k].T, self.a[k])
+        (then ``a`` holds ā, with the homogeneous 1). None for a layer with several uses per case: its
+        per-case gradient Σ_u g_u ā_uᵀ has rank up to U, so the trick does not apply."""
+        if self.g is None or k not in self.a or self.a[k].ndim != 2:
+            return None
+        return self.g[k].T, self.a[k]
 
 
 def subset_statistics(view: NetworkView, likelihood: Likelihood, x1: torch.Tensor, layers: Sequence[int],
                       estimator: str, generator, pairs: str) -> KroneckerFactors:
     """New Ā and G on the subset S₁: ā_k from a forward pass on S₁, g_k from the extra backward pass with
     targets sampled from the model ("mc", Appendix D) or with F_R's square root ("exact")."""
+    if pairs == "tridiag" and not view.is_chain and any(L.uses is None for L in view.layers):
+        check_inverse_uses(view, "tridiag", layer_uses(view, x1))  # (a Sequential with convolutions)
     z, a, s = forward(view, x1, layers)
     V, w = output_directions(likelihood, z, estimator, None, 1, generator)
     g = backward_directions(z, s, layers, V.to(z.dtype))
@@ -58,14 +65,41 @@ def subset_statistics(view: NetworkView, likelihood: Likelihood, x1: torch.Tenso
 
 def gradient_pass(view: NetworkView, likelihood: Likelihood, x: torch.Tensor, y: torch.Tensor,
                   layers: Sequence[int]) -> GradientPass:
-    """The forward/backward pass on (x, y): h_data, ∇h_data = Σ_cases g ā_kᵀ, and the per-case ā_k, g_k, z."""
-    z, a, s = forward(view, x, layers)
-    y = likelihood.check_targets(z.detach(), y)
-    loss = likelihood.nll(z, y)
-    grads = torch.autograd.grad(loss, [s[k] for k in layers])
-    g = dict(zip(layers, grads))
-    data_grad = [g[k].T @ a[k] for k in layers]
+    """The forward/backward pass on (x, y): h_data, ∇h_data = Σ_cases g ā_kᵀ, and the per-case ā_k, g_k, z.
+
+    A layer used several times per case (a convolution's positions, tied or sequence layers) takes its
+    gradient from autograd on its parameters instead: its ā (im2col patches) would serve no later step, as
+    neither the Appendix G form nor the chain's J-products apply to it (:mod:`.general`)."""
+    params = {k: list(view.layers[k].module.parameters()) for k in layers}
+    multi = [k for k in layers if several_uses(view, k)]
+    if not all(p.requires_grad for k in multi for p in params[k]):
+        multi = []
+    kept = [k for k in layers if k not in multi]
+    z, a, s = forward(view, x, kept)
+    y = check_output_targets(likelihood, z.detach(), y)
+    loss = output_nll(likelihood, z, y)
+    outs = {k: s[k].outputs if isinstance(s[k], LayerOutputs) else [s[k]] for k in kept}
+    outs.update({k: params[k] for k in multi})
+    grads = iter(torch.autograd.grad(loss, [o for k in layers for o in outs[k]]))
+    g, data_grad = {}, []
+    for k in layers:
+        got = [next(grads) for _ in outs[k]]
+        if k in multi:  # [weight.reshape(out, −1), bias] (docs/math.md §1)
+            w = got[0].reshape(got[0].shape[0], -1)
+            data_grad.append(torch.cat([w, got[1][:, None]], dim=1) if len(got) > 1 else w)
+        elif isinstance(s[k], LayerOutputs):
+            g[k] = s[k].gradient_rows([t[None] for t in got])[0]  # (n, U, d_out)
+            data_grad.append(torch.einsum("nuo,nua->oa", g[k], a[k]))
+        else:
+            g[k] = got[0]
+            data_grad.append(g[k].T @ a[k])
     return GradientPass(x, y, loss.detach(), data_grad, a, g, z.detach())
+
+
+def several_uses(view: NetworkView, k: int) -> bool:
+    """True for a layer used more than once per case (by the probe pass; a convolution when not probed)."""
+    L = view.layers[k]
+    return L.uses > 1 if L.uses is not None else L.is_conv
 
 
 def checked_loss(loss: float, k: int) -> float:
