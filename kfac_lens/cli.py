@@ -38,6 +38,7 @@ def run_figures(args) -> int:
     from . import figures as F
     from . import zoo
     from .data import DataUnavailableError
+    from .study import CurvatureStudy
 
     t_start = time.perf_counter()
     if args.quiet:
@@ -49,11 +50,11 @@ def run_figures(args) -> int:
     progress = not args.quiet
     written, metrics = [], {}
 
-    def save(fig, df, name, figure_id):
+    def save(drawn, name, figure_id):
         path = out / f"{name}.png"
-        F.save_figure(fig, path)
+        F.save_figure(drawn.figure, path)
         written.append(path)
-        metrics[figure_id] = df.assign(figure=figure_id)
+        metrics[figure_id] = drawn.metrics.assign(figure=figure_id)
         _say(f"  wrote {path}", args.quiet)
 
     try:
@@ -65,30 +66,30 @@ def run_figures(args) -> int:
             _say(f"  {ex}", args.quiet)
             n_cases = zoo.EXAMPLE_ANALYSIS_CASES[args.preset]
             X, y = ex.X[:n_cases], ex.y[:n_cases]
-            study = F.CurvatureStudy(ex.model, X, y, "categorical", layers=[1, 2, 3, 4])
+            study = CurvatureStudy(ex.model, X, y, "categorical", layers=[1, 2, 3, 4])
             if "5" in wanted:
-                save(*F.figure5(study), "figure5", "5")
+                save(F.figure5(study), "figure5", "5")
             if "6" in wanted:
                 gamma = args.gamma if args.gamma is not None else ex.gamma
-                save(*F.figure6(study, gamma), "figure6", "6")
+                save(F.figure6(study, gamma), "figure6", "6")
             if "exact" in wanted:
-                save(*F.figure_exact_vs_kfac(study), "figure_exact_vs_kfac", "exact")
+                save(F.figure_exact_vs_kfac(study), "figure_exact_vs_kfac", "exact")
             if "inverse" in wanted:
                 gamma = args.gamma if args.gamma is not None else ex.gamma
-                save(*F.figure_inverse_structure(study, gamma), "figure_inverse_structure", "inverse")
+                save(F.figure_inverse_structure(study, gamma), "figure_inverse_structure", "inverse")
             if "cumulants" in wanted:
-                save(*F.figure_cumulants(ex.model, X, "categorical", 2, 3), "figure_cumulants", "cumulants")
+                save(F.figure_cumulants(ex.model, X, "categorical", 2, 3), "figure_cumulants", "cumulants")
         if "7" in wanted:
             _say(f"autoencoder ({args.data}, preset {args.preset}) on {device}", args.quiet)
             ae = zoo.autoencoder(args.preset, args.data, device=device, progress=progress, retrain=args.retrain,
                                  seed=args.seed)
             _say(f"  {ae}", args.quiet)
-            save(*F.figure7(ae.optimizer, ae.X, ae.y, progress=progress), "figure7", "7")
+            save(F.figure7(ae.optimizer, ae.X, ae.y, progress=progress), "figure7", "7")
         if "training" in wanted:
             _say(f"training comparison ({args.data}, preset {args.preset}) on {device}", args.quiet)
             hist = zoo.training_comparison(args.preset, args.data, device=device, progress=progress,
                                            retrain=args.retrain, seed=args.seed)
-            save(*F.figure_training_curves(hist, **F.training_comparison_labels(args.preset, args.data)),
+            save(F.figure_training_curves(hist, **F.training_comparison_labels(args.preset, args.data)),
                  "figure_training", "training")
     except DataUnavailableError as exc:
         print(f"kfac-lens: {exc}\nkfac-lens: to run offline, use --data digits.", file=sys.stderr)
@@ -114,20 +115,46 @@ def run_figures(args) -> int:
 def run_train(args) -> int:
     from . import zoo
     device = _device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     kw = dict(device=device, retrain=args.retrain, seed=args.seed)
-    if args.what == "example":
-        e = zoo.example_network(args.preset, args.data, **kw)
-    elif args.what == "autoencoder":
-        e = zoo.autoencoder(args.preset, args.data, **kw)
-    else:
-        hist = zoo.training_comparison(args.preset, args.data, **kw)
-        for name, h in hist.items():
-            err = h["error"].dropna()
-            print(f"{name:>26}: {len(h)} iterations, {h['time'].iloc[-1]:.1f} s, final error {err.iloc[-1]:.4g}")
+    if world > 1:  # launched by torchrun: data-parallel K-FAC over the default process group
+        if args.what == "comparison":
+            raise SystemExit("kfac-lens train comparison runs SGD and Adam too and is not data-parallel; "
+                             "run it in one process, or train 'example' or 'autoencoder' under torchrun.")
+        import torch.distributed as dist
+        if device.type == "cuda":
+            device = torch_device_for_local_rank()
+            kw["device"] = device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        kw["distributed"] = True
+    try:
+        if args.what == "example":
+            e = zoo.example_network(args.preset, args.data, **kw)
+        elif args.what == "autoencoder":
+            e = zoo.autoencoder(args.preset, args.data, **kw)
+        else:
+            hist = zoo.training_comparison(args.preset, args.data, **kw)
+            for name, h in hist.items():
+                err = h["error"].dropna()
+                print(f"{name:>26}: {len(h)} iterations, {h['time'].iloc[-1]:.1f} s, final error {err.iloc[-1]:.4g}")
+            return 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e)
+            print(f"cached at {e.path}" + (f" (data-parallel K-FAC on {world} processes)" if world > 1 else ""))
         return 0
-    print(e)
-    print(f"cached at {e.path}")
-    return 0
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def torch_device_for_local_rank():
+    """``cuda:LOCAL_RANK`` (torchrun sets LOCAL_RANK), made the current device."""
+    import torch
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 def run_tests(pytest_args: list[str]) -> int:

@@ -176,12 +176,13 @@ class ZooEntry:
                 f"final error={float(err.iloc[-1]) if len(err) else float('nan'):.4g})")
 
 
-def _load_or_train(name, config, build, train_fn, likelihood, data, cache_dir, device, retrain) -> ZooEntry:
+def _load_or_train(name, config, build, train_fn, likelihood, data, cache_dir, device, retrain,
+                   distributed=None) -> ZooEntry:
     cache_dir = Path(cache_dir) if cache_dir is not None else default_zoo_dir()
     path = cache_dir / f"{name}-{config_hash(config)}.pt"
     model = build().to(device)
     opt = KFAC(model, likelihood, config["inverse"], lambda_init=config["lambda_init"], eta=config["eta"],
-               seed=config.get("seed", 0))
+               seed=config.get("seed", 0), distributed=distributed)
     if path.exists() and not retrain:
         ck = load_checkpoint(path, map_location=device)
         model.load_state_dict(ck["model"])
@@ -189,13 +190,14 @@ def _load_or_train(name, config, build, train_fn, likelihood, data, cache_dir, d
         return ZooEntry(name, config, model, likelihood, data, ck["history"], opt, path, ck.get("extra", {}))
     out = train_fn(model, opt)
     history, extra = out if isinstance(out, tuple) else (out, {})
-    save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                           "config": config, "extra": extra})
+    if opt.shards.rank == 0:  # (data-parallel training: rank 0 writes the cache)
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                               "config": config, "extra": extra})
     return ZooEntry(name, config, model, likelihood, data, history, opt, path, extra)
 
 
 def example_network(preset: str = "quick", data: str = "mnist", *, cache_dir=None, device=None,
-                    progress: bool = True, retrain: bool = False, seed: int = 0) -> ZooEntry:
+                    progress: bool = True, retrain: bool = False, seed: int = 0, distributed=None) -> ZooEntry:
     """The paper's example network (Figures 1, 5, 6), partially trained with batch-mode K-FAC to ~5% error."""
     if preset not in EXAMPLE_PRESETS:
         raise ValueError(f"preset must be one of {sorted(EXAMPLE_PRESETS)}, got {preset!r}.")
@@ -236,10 +238,14 @@ def example_network(preset: str = "quick", data: str = "mnist", *, cache_dir=Non
         return classifier(sizes)
 
     return _load_or_train(f"example-{data}-{preset}", config, build, run, "categorical", ds, cache_dir,
-                          device, retrain)
+                          device, retrain, distributed)
 
 
-def _autoencoder_data(preset: str, data: str, seed: int) -> Dataset:
+def autoencoder_data(preset: str = "quick", data: str = "mnist", seed: int = 0) -> Dataset:
+    """The autoencoder's training set for ``preset`` (targets = inputs): ``n_train`` cases of
+    :data:`AUTOENCODER_PRESETS`, a subset drawn with ``seed``, of MNIST or (``data="digits"``) the 8×8 digits."""
+    if preset not in AUTOENCODER_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(AUTOENCODER_PRESETS)}, got {preset!r}.")
     p = AUTOENCODER_PRESETS[preset]
     ds = load_dataset(data, "train")
     if len(ds) > p["n_train"]:
@@ -248,17 +254,19 @@ def _autoencoder_data(preset: str, data: str, seed: int) -> Dataset:
 
 
 def autoencoder(preset: str = "quick", data: str = "mnist", *, cache_dir=None, device=None,
-                progress: bool = True, retrain: bool = False, seed: int = 0) -> ZooEntry:
+                progress: bool = True, retrain: bool = False, seed: int = 0, distributed=None) -> ZooEntry:
     """The deep autoencoder (Section 7) at its captured iteration of block-tridiagonal K-FAC (Figure 7).
 
     ``preset="paper"``: 784-1000-500-250-30-250-500-1000-784 on 50k MNIST cases, iteration 500 (GPU
     recommended). ``preset="quick"``: 784-250-100-30-100-250-784 on 10k cases, iteration 150, for 2 CPU
-    cores. ``data="digits"`` swaps in the 8×8 digits (input width 64) for offline use.
+    cores. ``data="digits"`` swaps in the 8×8 digits (input width 64) for offline use. ``distributed``:
+    data-parallel K-FAC over a process group (every rank loads the data and steps on its slice of each
+    mini-batch; rank 0 writes the cache), as under ``torchrun ... -m kfac_lens.cli train autoencoder``.
     """
     if preset not in AUTOENCODER_PRESETS:
         raise ValueError(f"preset must be one of {sorted(AUTOENCODER_PRESETS)}, got {preset!r}.")
     p = dict(AUTOENCODER_PRESETS[preset])
-    ds = _autoencoder_data(preset, data, seed)
+    ds = autoencoder_data(preset, data, seed)
     sizes = [ds.X.shape[1]] + p["sizes"][1:-1] + [ds.X.shape[1]]
     if data == "digits":
         sizes = [64, 48, 24, 8, 24, 48, 64]
@@ -278,7 +286,7 @@ def autoencoder(preset: str = "quick", data: str = "mnist", *, cache_dir=None, d
         return sparse_init_(autoencoder_net(sizes), seed=seed)
 
     return _load_or_train(f"autoencoder-{data}-{preset}", config, build, run, "bernoulli", ds, cache_dir,
-                          device, retrain)
+                          device, retrain, distributed)
 
 
 def training_comparison(preset: str = "quick", data: str = "mnist", *, iterations: int | None = None,
@@ -290,7 +298,7 @@ def training_comparison(preset: str = "quick", data: str = "mnist", *, iteration
     as much optimizer time as the slower K-FAC run) on the autoencoder problem."""
     p = dict(AUTOENCODER_PRESETS[preset])
     iterations = iterations or p["iterations"]
-    ds = _autoencoder_data(preset, data, seed)
+    ds = autoencoder_data(preset, data, seed)
     sizes = [64, 48, 24, 8, 24, 48, 64] if data == "digits" else p["sizes"]
     device = torch.device(device) if device is not None else default_device()
     config = dict(kind="comparison", data=data, preset=preset, iterations=iterations, sgd_lr=sgd_lr,

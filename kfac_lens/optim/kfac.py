@@ -31,13 +31,14 @@ import torch
 from ..capture import check_inputs, warn_if_link_applied_twice
 from ..curvature.factors import KroneckerFactors
 from ..curvature.inverses import BlockDiagonalInverse, factor_eigs, make_inverse
+from ..distributed import CaseShards, rank_seed
 from ..errors import SingularFactorError
 from ..likelihoods import get_likelihood
-from ..nets import NetworkView
 from .dropin import BatchRecorder, recorded_pass, torch_loss
 from .fisher_products import fisher_gram_from_pass, linearisation_plan
+from .general import check_inverse_uses, kfac_view, output_nll
 from .passes import GradientPass, checked_loss, gradient_pass, subset_statistics
-from .proposals import Proposal, eigenbasis_directions, factor_eigenbases, subspace_grams
+from .proposals import Proposal, ProposalCache, eigenbasis_directions, factor_eigenbases, subspace_grams
 from .quadratic import SOLUTION_FIELDS, solve_subspaces
 from .schedules import (
     default_omega1,
@@ -53,7 +54,8 @@ INVERSE_PAIRS = {"blockdiag": "diag", "tridiag": "tridiag"}
 
 
 class KFAC(torch.optim.Optimizer):
-    """K-FAC (Martens & Grosse 2015, Algorithm 2) for an ``nn.Sequential`` of Linear layers.
+    """K-FAC (Martens & Grosse 2015, Algorithm 2) for an ``nn.Sequential``, or any ``nn.Module`` with
+    ``example_input=X[:2]`` (its Linear and Conv2d layers; KFC for convolutions, :mod:`.general`).
 
     ``likelihood``: "categorical", "bernoulli", "gaussian", a :class:`~kfac_lens.Likelihood`, or the torch loss
     module of your training loop (``nn.CrossEntropyLoss()``, ``nn.BCEWithLogitsLoss()``, ``nn.MSELoss()``,
@@ -75,6 +77,10 @@ class KFAC(torch.optim.Optimizer):
     - ``adapt_gamma`` / ``adapt_lambda`` = True switch the E.6 / E.5 rules off when False.
     - ``curvature_estimator``: "mc" (the paper's one backward pass with sampled targets, Appendix D) or
       "exact" (expectation over y exact; for tests and small problems).
+    - ``example_input``: a few cases of input, for a model that is not an ``nn.Sequential`` (or pass a
+      :class:`~kfac_lens.NetworkView`). Layers used several times per case take KFAC-expand factors (KFC for
+      convolutions) and no Appendix G low-rank form; an (N, T, C) output has one likelihood term per position
+      (``step(x, y)`` only; :mod:`.general`).
 
     Runs on the model's device in the model's dtype. ``seed`` makes subsets and sampled targets
     reproducible. In an ordinary training loop::
@@ -87,20 +93,24 @@ class KFAC(torch.optim.Optimizer):
             opt.step()
     """
 
-    VARIANTS = {"re-scaled, momentum": (True, True), "re-scaled, no momentum": (True, False),
-                "raw Δ (no re-scaling)": (False, False)}
-
     def __init__(self, model, likelihood, inverse: str = "blockdiag", *, lr=1.0, lambda_init=150.0, eta=1e-5,
                  gamma_init=None, T1=5, T2=20, T3=20, omega1=None, omega2=None, tau1=1 / 8, tau2=1 / 4,
                  momentum=True, rescale=True, pi="trace", eps_max=0.95, low_rank=True,
-                 adapt_gamma=True, adapt_lambda=True, curvature_estimator="mc", seed: int = 0):
-        self.view = NetworkView(model)
+                 adapt_gamma=True, adapt_lambda=True, curvature_estimator="mc", seed: int = 0, distributed=None,
+                 example_input=None):
+        self.shards = CaseShards(distributed)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError("model: KFAC(..., distributed=True) replaces DistributedDataParallel (it all-reduces "
+                             "the gradient and K-FAC's statistics itself); pass the unwrapped model.module.")
+        self.view = kfac_view(model, example_input)
         self.model = self.view.model
         self.torch_loss = torch_loss(likelihood)
         self.likelihood = get_likelihood(self.torch_loss.likelihood if self.torch_loss else likelihood)
-        warn_if_link_applied_twice(self.view, self.likelihood)
+        if not self.view.is_general:
+            warn_if_link_applied_twice(self.view, self.likelihood)
         if inverse not in INVERSE_PAIRS:
             raise ValueError(f"inverse must be 'blockdiag' or 'tridiag', got {inverse!r}.")
+        check_inverse_uses(self.view, inverse)
         self.inverse_kind = inverse
         if curvature_estimator not in ("mc", "exact"):
             raise ValueError(f"curvature_estimator must be 'mc' (the paper's one sampled backward pass) or "
@@ -129,7 +139,7 @@ class KFAC(torch.optim.Optimizer):
         self._inverse_source: tuple | None = None
         self.delta0: list[torch.Tensor] | None = None
         self.generator = torch.Generator(device=self.view.device)
-        self.generator.manual_seed(int(seed))
+        self.generator.manual_seed(rank_seed(int(seed), self.shards.rank))
         self._plan = linearisation_plan(self.view)
         self.recorder = BatchRecorder(self.view, self.torch_loss) if self.torch_loss else None
 
@@ -157,15 +167,16 @@ class KFAC(torch.optim.Optimizer):
         return self.view.weight_matrices()
 
     def _objective(self, x, y, eta) -> float:
-        """h(θ) = mean NLL + (η/2)‖θ‖² on (x, y)."""
+        """h(θ) = mean NLL + (η/2)‖θ‖² on (x, y) (the NLL over every rank's cases when distributed)."""
         with torch.no_grad():
-            h = self.likelihood.nll(self.model(x), y).double()
+            h = output_nll(self.likelihood, self.model(x), y).double()
+            self.shards.mean_([h], x.shape[0])
             if eta:
-                h = h + 0.5 * eta * sum((p * p).sum() for p in self.view.model.parameters()).double()
+                h = h + 0.5 * eta * sum((p * p).sum() for p in self.param_groups[0]["params"]).double()
         return float(h)
 
     def _gradient_pass(self, x, y) -> tuple[GradientPass, list[torch.Tensor], list[torch.Tensor]]:
-        """The pass on all of (x, y) (for :meth:`propose` and :meth:`gamma_sweep`), ∇h and the weights."""
+        """The pass on all of (x, y) (for :meth:`propose` and :meth:`proposals`), ∇h and the weights."""
         batch = gradient_pass(self.view, self.likelihood, x, y, self.layers)
         checked_loss(float(batch.loss), self.k)
         eta = float(self._h("eta"))
@@ -190,7 +201,7 @@ class KFAC(torch.optim.Optimizer):
         return self._build_inverse(gamma, factors, eigs=factor_eigs(factors) if shared_eigs else None, pi=pi)
 
     def _shared_eigs(self, n_gammas: int):
-        """For several block-diagonal inverses of the same factors (:meth:`gamma_sweep`), one
+        """For several block-diagonal inverses of the same factors (:meth:`proposals`), one
         eigendecomposition of each undamped factor serves every γ."""
         if self.inverse_kind == "blockdiag" and n_gammas > 1:
             return factor_eigs(self.factors)
@@ -200,7 +211,7 @@ class KFAC(torch.optim.Optimizer):
         """Δ = −F̃⁻¹∇h, using Appendix G's low-rank form where it is cheaper (block-diagonal only)."""
         if not isinstance(inv, BlockDiagonalInverse):
             return [-u for u in inv.apply(grad)]
-        use_lr = bool(self._h("low_rank"))
+        use_lr = bool(self._h("low_rank")) and not self.shards.active  # (the pieces are this rank's only)
         out = []
         for i, (G, W) in enumerate(zip(grad, params)):
             d, D = G.shape
@@ -262,6 +273,7 @@ class KFAC(torch.optim.Optimizer):
         d0 = self.delta0 if with_delta0 else None
         vectors = list(Deltas) + ([d0] if d0 is not None else [])
         gram_F = fisher_gram_from_pass(self.view, self.likelihood, batch, cases, vectors, self._plan)
+        self.shards.mean_([gram_F], batch.x.shape[0] if cases is None else cases.numel())
         return subspace_grams(gram_F, Deltas, grad, d0)
 
     def _combine(self, Delta, grad, source, lam, eta, gamma, rescale, momentum, grams=None,
@@ -293,6 +305,13 @@ class KFAC(torch.optim.Optimizer):
                         extra={"dFd": s["dFd"], "gd": s["gd"], "quad": s["quad"], "lin": s["lin"]})
 
     # ------------------------------------------------------------------ the iteration
+    def _average_over_ranks(self, batch: GradientPass, factors: KroneckerFactors, m: int, n1: int) -> None:
+        """Data-parallel K-FAC: the loss and gradient (means over this rank's m cases) and the new factor
+        statistics (over its n1 cases of S₁) become means over every rank's cases, in place."""
+        self.shards.mean_([batch.loss, *batch.data_grad], m)
+        blocks = [*factors.A.blocks.values(), *factors.G.blocks.values()]
+        factors.n_cases = self.shards.mean_(blocks, n1)
+
     def _iterate(self, x, y, run_pass, t0: float) -> dict:
         """Algorithm 2's loop body; ``run_pass(S₁)`` gives the gradient pass and S₁'s factor statistics. A step
         that fails (bad targets, non-finite loss) leaves the random stream where it was."""
@@ -310,6 +329,8 @@ class KFAC(torch.optim.Optimizer):
         rescale, momentum, pi, lam = bool(self._h("rescale")), bool(self._h("momentum")), self._h("pi"), self.lam
         S1 = self._subset(m, float(self._h("tau1")))
         batch, new_factors = run_pass(S1)
+        if self.shards.active:
+            self._average_over_ranks(batch, new_factors, m, S1.numel())
         S2 = self._subset(m, float(self._h("tau2")))
         params = self._params()
         grad = [dg + eta * W for dg, W in zip(batch.data_grad, params)] if eta else batch.data_grad
@@ -472,51 +493,50 @@ class KFAC(torch.optim.Optimizer):
             prop.improvement = self._improvement(prop.delta, ex, ey, eta)
         return prop
 
-    def gamma_sweep(self, x, y, gammas, *, lam: float | None = None, variants=None, eval_x=None, eval_y=None,
-                    progress: bool = False, cache: dict | None = None):
-        """Figure 7's data: for each γ, the improvement h(θ) − h(θ+δ) of the re-scaled update with and
-        without momentum and of the raw Δ (Appendix E.4), with the current factors, λ and δ₀.
+    def proposals(self, x, y, gammas, updates=((True, True),), *, lam: float | None = None, eval_x=None,
+                  eval_y=None, cache: ProposalCache | None = None, progress: bool = False) -> list[list[Proposal]]:
+        """For each γ of ``gammas`` and each ``(rescale, momentum)`` of ``updates``, the update K-FAC would make
+        on (x, y) with the current factors, λ and δ₀ (without applying it), with its improvement
+        h(θ) − h(θ+δ) on (eval_x, eval_y), default (x, y) (Appendices E.4, F; Figure 7's data, see
+        :func:`kfac_lens.sweep.gamma_sweep`).
 
-        The gradient is computed once and each γ's inverse is shared by the variants. ``cache`` (a dict
-        you keep between calls on the same x, y) stores the gradient and each γ's Δ, so that a later
-        sweep with another λ or γ grid only recomputes what changed. Returns a DataFrame with columns
-        gamma, variant, improvement, M, alpha, mu.
+        The gradient is computed once and each γ's Δ is shared by the updates. ``cache`` (a
+        :class:`~kfac_lens.optim.proposals.ProposalCache` kept between calls on the same x, y) holds the
+        gradient pass, h(θ) and each γ's Δ and Gram matrices, so that a later call with another λ or γ
+        grid only recomputes what changed. Returns one list of proposals per γ, in the order of ``updates``.
         """
-        import pandas as pd
         from tqdm.auto import tqdm
         if self.factors is None:
-            raise ValueError("gamma_sweep() needs the Kronecker factors: run at least one step() first.")
+            raise ValueError("proposals() needs the Kronecker factors: run at least one step() first.")
         x, y = check_inputs(self.view, x, y, what="x")
         ex, ey = (x, y) if eval_x is None else check_inputs(self.view, eval_x, eval_y, what="eval_x")
         eta = float(self._h("eta"))
         lam = self.lam if lam is None else float(lam)
-        variants = self.VARIANTS if variants is None else {v: self.VARIANTS[v] for v in variants}
-        cache = {} if cache is None else cache
-        rows = []
+        cache = ProposalCache() if cache is None else cache
+        gammas = [float(g) for g in gammas]
+        out = []
         with self._own_passes():
-            if "pass" not in cache:
-                cache["pass"] = self._gradient_pass(x, y)
-            batch, grad, params = cache["pass"]
-            if "h0" not in cache or eval_x is not None:
-                cache["h0"] = self._objective(ex, ey, eta)
-            h0 = cache["h0"]
-            for g in tqdm(list(gammas), desc="γ sweep", disable=not progress, leave=False):
-                key = ("Delta", float(g))
-                if key not in cache:
-                    if "eigs" not in cache:
-                        cache["eigs"] = self._shared_eigs(len(gammas))
-                    inv = self._build_inverse(float(g), eigs=cache["eigs"])
-                    cache[key] = self._proposal_direction(inv, grad, batch, params, eta, x.shape[0])
-                Delta = cache[key]
-                gkey = ("grams", float(g))
-                if gkey not in cache:
-                    cache[gkey] = self._grams([Delta], grad, batch, None, with_delta0=True)
-                for name, (rescale, momentum) in variants.items():
-                    prop = self._combine(Delta, grad, None, lam, eta, float(g), rescale, momentum, grams=cache[gkey])
-                    rows.append({"gamma": float(g), "variant": name,
-                                 "improvement": self._improvement(prop.delta, ex, ey, eta, h0=h0),
-                                 "M": prop.M, "alpha": prop.alpha, "mu": prop.mu})
-        return pd.DataFrame(rows)
+            if cache.gradient is None:
+                cache.gradient = self._gradient_pass(x, y)
+            batch, grad, params = cache.gradient
+            if cache.h0 is None or eval_x is not None:
+                cache.h0 = self._objective(ex, ey, eta)
+            for g in tqdm(gammas, desc="γ sweep", disable=not progress, leave=False):
+                if g not in cache.directions:
+                    if not cache.eigs_ready:
+                        cache.eigs, cache.eigs_ready = self._shared_eigs(len(gammas)), True
+                    inv = self._build_inverse(g, eigs=cache.eigs)
+                    cache.directions[g] = self._proposal_direction(inv, grad, batch, params, eta, x.shape[0])
+                Delta = cache.directions[g]
+                if g not in cache.grams:
+                    cache.grams[g] = self._grams([Delta], grad, batch, None, with_delta0=True)
+                row = []
+                for rescale, momentum in updates:
+                    prop = self._combine(Delta, grad, None, lam, eta, g, rescale, momentum, grams=cache.grams[g])
+                    prop.improvement = self._improvement(prop.delta, ex, ey, eta, h0=cache.h0)
+                    row.append(prop)
+                out.append(row)
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -565,6 +585,10 @@ class KFAC(torch.optim.Optimizer):
         on the original device."""
         state = state.cpu() if hasattr(state, "cpu") else state
         here = self.generator.device.type
+        if self.shards.rank > 0:  # a checkpoint holds rank 0's stream; rank r continues from one derived from it
+            digest = int.from_bytes(hashlib.sha256(bytes(state.tolist())).digest()[:7], "little")
+            self.generator.manual_seed(rank_seed(digest, self.shards.rank))
+            return
         if saved_on in (None, here):
             try:
                 self.generator.set_state(state)

@@ -98,9 +98,16 @@ def train(model, optimizer, X, y, iterations: int, *, batch_size=1000, eval_X=No
     from a seeded generator. Every ``eval_every`` iterations the loss and error on (eval_X, eval_y)
     (default: the training data) are recorded. ``time`` is the cumulative optimizer wall-clock time,
     evaluation excluded. Returns the history as a DataFrame (also stored in the checkpoint).
+
+    Data-parallel K-FAC (``KFAC(..., distributed=...)``): pass the whole (X, y) on every rank. Every rank
+    draws the same mini-batch from the same seeded generator and steps on its slice ``idx[rank::world]``;
+    the evaluation is split alike and averaged; only rank 0 writes checkpoints and shows progress.
     """
     lik = optimizer.likelihood
     view = optimizer.view
+    shards = getattr(optimizer, "shards", None)
+    rank, world = (shards.rank, shards.world_size) if shards is not None and shards.active else (0, 1)
+    progress = progress and rank == 0
     X, y = check_inputs(view, X, y, what="the training inputs X")
     if eval_X is None:
         eval_X, eval_y = X, y
@@ -129,6 +136,7 @@ def train(model, optimizer, X, y, iterations: int, *, batch_size=1000, eval_X=No
     for it in bar:
         m = min(int(sched(it)), n)
         idx = torch.randperm(n, generator=gen)[:m].to(X.device) if m < n else torch.arange(n, device=X.device)
+        idx = idx[rank::world]  # (one process: all of it)
         t0 = time.perf_counter()
         try:
             stats = optimizer.step(X[idx], y[idx])
@@ -139,7 +147,11 @@ def train(model, optimizer, X, y, iterations: int, *, batch_size=1000, eval_X=No
         _check_parameters(model, it, checkpoint)  # the loss is checked before the update, θ after it
         row = {**stats, "iteration": it, "time": elapsed}
         if it % eval_every == 0 or it == iterations or it == 1:
-            ev = evaluate(model, lik, eval_X, eval_y)
+            ev = evaluate(model, lik, eval_X[rank::world], eval_y[rank::world])
+            if world > 1:
+                both = torch.tensor([ev["loss"], ev["error"]], dtype=torch.float64, device=eval_X.device)
+                shards.mean_([both], eval_X[rank::world].shape[0])
+                ev = {"loss": float(both[0]), "error": float(both[1])}
             row["eval_loss"], row["error"] = ev["loss"], ev["error"]
         rows.append(row)
         if progress and "error" in row:
@@ -148,7 +160,8 @@ def train(model, optimizer, X, y, iterations: int, *, batch_size=1000, eval_X=No
             callback(it, row)
         if checkpoint is not None and (it % checkpoint_every == 0 or it == iterations):
             _check_parameters(model, it, checkpoint)  # (again: the callback may have changed them)
-            save_checkpoint(checkpoint, snapshot(it))
+            if getattr(getattr(optimizer, "shards", None), "rank", 0) == 0:  # data-parallel K-FAC: rank 0 writes
+                save_checkpoint(checkpoint, snapshot(it))
         if time_limit is not None and elapsed >= time_limit:
             break
     bar.close()
