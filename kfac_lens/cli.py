@@ -1,4 +1,5 @@
-"""``kfac-lens`` command line: ``figures`` (the main job), ``train``, ``bench``, ``gpu-check`` and ``test``.
+"""``kfac-lens`` command line: ``figures`` (the main job), ``inspect`` (your own network), ``train``, ``bench``,
+``gpu-check`` and ``test``.
 
 Environment variables: ``KFAC_LENS_DATA`` (where MNIST and the zoo cache live; default
 ``~/.cache/kfac_lens``), ``KFAC_LENS_QUIET`` (set: no automatic progress bars; ``--quiet`` sets it).
@@ -38,6 +39,7 @@ def run_figures(args) -> int:
     from . import figures as F
     from . import zoo
     from .data import DataUnavailableError
+    from .memory import release_free_memory
     from .study import CurvatureStudy
 
     t_start = time.perf_counter()
@@ -57,34 +59,41 @@ def run_figures(args) -> int:
         metrics[figure_id] = drawn.metrics.assign(figure=figure_id)
         _say(f"  wrote {path}", args.quiet)
 
+    def example_figures():  # (a function, so that the study is freed before the next network)
+        _say(f"example network ({args.data}, preset {args.preset}) on {device}", args.quiet)
+        ex = zoo.example_network(args.preset, args.data, device=device, progress=progress,
+                                 retrain=args.retrain, seed=args.seed)
+        _say(f"  {ex}", args.quiet)
+        n_cases = zoo.EXAMPLE_ANALYSIS_CASES[args.preset]
+        X, y = ex.X[:n_cases], ex.y[:n_cases]
+        study = CurvatureStudy(ex.model, X, y, "categorical", layers=[1, 2, 3, 4])
+        if "5" in wanted:
+            save(F.figure5(study), "figure5", "5")
+        if "6" in wanted:
+            gamma = args.gamma if args.gamma is not None else ex.gamma
+            save(F.figure6(study, gamma), "figure6", "6")
+        if "exact" in wanted:
+            save(F.figure_exact_vs_kfac(study), "figure_exact_vs_kfac", "exact")
+        if "inverse" in wanted:
+            gamma = args.gamma if args.gamma is not None else ex.gamma
+            save(F.figure_inverse_structure(study, gamma), "figure_inverse_structure", "inverse")
+        if "cumulants" in wanted:
+            save(F.figure_cumulants(ex.model, X, "categorical", 2, 3), "figure_cumulants", "cumulants")
+
+    def figure7():
+        _say(f"autoencoder ({args.data}, preset {args.preset}) on {device}", args.quiet)
+        ae = zoo.autoencoder(args.preset, args.data, device=device, progress=progress, retrain=args.retrain,
+                             seed=args.seed)
+        _say(f"  {ae}", args.quiet)
+        save(F.figure7(ae.optimizer, ae.X, ae.y, progress=progress), "figure7", "7")
+
     try:
-        needs_example = any(f in wanted for f in ("5", "6", "exact", "inverse", "cumulants"))
-        if needs_example:
-            _say(f"example network ({args.data}, preset {args.preset}) on {device}", args.quiet)
-            ex = zoo.example_network(args.preset, args.data, device=device, progress=progress,
-                                     retrain=args.retrain, seed=args.seed)
-            _say(f"  {ex}", args.quiet)
-            n_cases = zoo.EXAMPLE_ANALYSIS_CASES[args.preset]
-            X, y = ex.X[:n_cases], ex.y[:n_cases]
-            study = CurvatureStudy(ex.model, X, y, "categorical", layers=[1, 2, 3, 4])
-            if "5" in wanted:
-                save(F.figure5(study), "figure5", "5")
-            if "6" in wanted:
-                gamma = args.gamma if args.gamma is not None else ex.gamma
-                save(F.figure6(study, gamma), "figure6", "6")
-            if "exact" in wanted:
-                save(F.figure_exact_vs_kfac(study), "figure_exact_vs_kfac", "exact")
-            if "inverse" in wanted:
-                gamma = args.gamma if args.gamma is not None else ex.gamma
-                save(F.figure_inverse_structure(study, gamma), "figure_inverse_structure", "inverse")
-            if "cumulants" in wanted:
-                save(F.figure_cumulants(ex.model, X, "categorical", 2, 3), "figure_cumulants", "cumulants")
+        if any(f in wanted for f in ("5", "6", "exact", "inverse", "cumulants")):
+            example_figures()
+            release_free_memory()
         if "7" in wanted:
-            _say(f"autoencoder ({args.data}, preset {args.preset}) on {device}", args.quiet)
-            ae = zoo.autoencoder(args.preset, args.data, device=device, progress=progress, retrain=args.retrain,
-                                 seed=args.seed)
-            _say(f"  {ae}", args.quiet)
-            save(F.figure7(ae.optimizer, ae.X, ae.y, progress=progress), "figure7", "7")
+            figure7()
+            release_free_memory()
         if "training" in wanted:
             _say(f"training comparison ({args.data}, preset {args.preset}) on {device}", args.quiet)
             hist = zoo.training_comparison(args.preset, args.data, device=device, progress=progress,
@@ -106,6 +115,46 @@ def run_figures(args) -> int:
         pd.concat(metrics.values(), ignore_index=True, sort=False).to_csv(path, index=False)
         written.append(path)
     print(f"kfac-lens figures: wrote {len(written)} files to {out.resolve()} "
+          f"in {time.perf_counter() - t_start:.0f} s:")
+    for p in written:
+        print(f"  {p}")
+    return 0
+
+
+def run_inspect(args) -> int:
+    """``kfac-lens inspect``: one user network's figures, metrics.csv and error table (kfac_lens.inspect_network)."""
+    import matplotlib
+    matplotlib.use("Agg")
+
+    from . import inspect_network as I
+    from .data import DataUnavailableError
+    from .errors import UnsupportedModelError
+
+    t_start = time.perf_counter()
+    if args.quiet:
+        os.environ["KFAC_LENS_QUIET"] = "1"
+    device = _device(args.device)
+    try:
+        model = I.load_factory(args.model)
+        I.load_weights(model, args.weights, device)
+        inputs = I.load_inputs(args.data, model, args.cases, device)
+        result = I.inspect_network(model, inputs, args.likelihood, layers=args.layers, gamma=args.gamma,
+                                   approx=args.approx)
+        written = I.write_outputs(result, args.out)
+    except DataUnavailableError as exc:
+        print(f"kfac-lens inspect: {exc}\nkfac-lens inspect: to run offline, use --data digits.", file=sys.stderr)
+        return 2
+    except (I.InspectError, UnsupportedModelError) as exc:
+        print(f"kfac-lens inspect: {exc}", file=sys.stderr)
+        return 2
+    study = result.study
+    print(study.view.summary())
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"\nrelative Frobenius errors (F̃ against the exact F; the inverses against F̃⁻¹ at γ = {result.gamma:.3g}, "
+          f"approx={study.approx}, N = {len(study.X)}):")
+    print(result.summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"\nkfac-lens inspect: wrote {len(written)} files to {Path(args.out).resolve()} "
           f"in {time.perf_counter() - t_start:.0f} s:")
     for p in written:
         print(f"  {p}")
@@ -213,6 +262,34 @@ def main(argv=None) -> int:
                    help="the γ of Figure 6 and the inverse-structure figure (default: the γ K-FAC held)")
     f.add_argument("--quiet", action="store_true", help="no progress messages or progress bars")
     f.set_defaults(func=run_figures)
+
+    i = sub.add_parser("inspect", help="examine your own network: its exact Fisher against K-FAC's",
+                       description="Rebuild a network from FILE.py:FACTORY, load its weights, and write its "
+                                   "Figure 5, Figure 6, exact-vs-K-FAC and cumulant figures and metrics.csv; "
+                                   "print the errors of F̃, F̆⁻¹ and F̂⁻¹. Inputs are tried flat (N, D), then as "
+                                   "(N, 1, H, W) images.")
+    i.add_argument("model", metavar="FILE.py:FACTORY",
+                   help="a Python file and the callable in it that returns the nn.Module")
+    i.add_argument("--weights", required=True, metavar="CKPT.pt",
+                   help="torch.save'd state dict (plain, or under a 'model' key); loaded onto --device")
+    i.add_argument("--data", required=True, metavar="mnist|digits|FILE.npz",
+                   help="16x16 MNIST, scikit-learn's 8x8 digits (offline), or an .npz with X (and y)")
+    i.add_argument("--likelihood", choices=("categorical", "bernoulli", "gaussian"), default="categorical",
+                   help="the model's output distribution; the network outputs its natural parameters "
+                        "(default: %(default)s)")
+    i.add_argument("--layers", type=int, nargs="+", default=None, metavar="K",
+                   help="0-based indices of the Linear/Conv2d layers in order of first use (default: all)")
+    i.add_argument("--gamma", type=float, default=None,
+                   help="the damping γ of Figure 6 and the inverses (default: 0.1·sqrt(tr F / P))")
+    i.add_argument("--approx", choices=("expand", "reduce"), default=None,
+                   help="K-FAC for layers used several times per case (default: expand when every selected "
+                        "layer has as many uses per case, else reduce)")
+    i.add_argument("--cases", type=int, default=500, help="the first N cases of the data (default: %(default)s)")
+    i.add_argument("--out", default="inspect", help="output folder (default: %(default)s)")
+    i.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where to load and analyse (default: cuda when torch sees a GPU, else cpu)")
+    i.add_argument("--quiet", action="store_true", help="no progress bars")
+    i.set_defaults(func=run_inspect)
 
     t = sub.add_parser("train", help="train (or load from the cache) a zoo network",
                        description="Train (or load from the cache) one zoo network and print where it is cached.")

@@ -71,11 +71,13 @@ _LABELS = {
 class CurvatureStudy:
     """Everything the figures and explorers need about one network on one data set, computed once.
 
-    Parameters: ``model`` (an ``nn.Sequential`` of Linear layers, see :class:`~kfac_lens.nets.NetworkView`),
-    inputs ``X``, targets ``y`` (needed only for the gradient ∇h and the natural-gradient directions),
-    ``likelihood`` ("categorical", "bernoulli", "gaussian"), ``layers`` (0-based Linear indices; the
+    Parameters: ``model`` (an ``nn.Sequential``, a :class:`~kfac_lens.nets.NetworkView`, or any ``nn.Module``
+    read by a probe pass on ``example_input``, default ``X[:2]``; docs/math.md §1), inputs ``X``, targets
+    ``y`` (needed only for the gradient ∇h and the natural-gradient directions), ``likelihood``
+    ("categorical", "bernoulli", "gaussian"), ``layers`` (0-based layer indices; the
     paper's Figures 5–6 use the middle four, ``[1, 2, 3, 4]``), ``pi`` (factored-Tikhonov π: "trace"
-    or a number, Appendix E.6).
+    or a number, Appendix E.6), ``approx`` ("expand" or "reduce", for layers used several times per case:
+    a convolution's positions, tied weights; expand pairs two layers' uses only when their numbers agree).
 
     The model is snapshotted (deep-copied to float64) so later training does not change the study.
     Precomputed: ``F`` (exact Fisher, dense float64), ``factors`` (exact-estimator Kronecker factors,
@@ -96,23 +98,31 @@ class CurvatureStudy:
         name: str | None = None,
         chunk_size: int | None = None,
         cache_size: int = 4,
+        example_input=None,
+        approx: str = "expand",
     ):
         t0 = time.perf_counter()
-        view = NetworkView(model)
+        view = _study_view(model, X, example_input)
         self.model = copy.deepcopy(view.model).to(torch.float64)
-        self.view = NetworkView(self.model)
+        example = view.example_input
+        if example is not None and example.is_floating_point():
+            example = example.to(torch.float64)
+        self.view = NetworkView(self.model, example, warn=False)
         self.layers = self.view.select(layers)
         self.likelihood = get_likelihood(likelihood)
         X = torch.as_tensor(X)
         self.X = X.to(device=self.view.device, dtype=torch.float64)
         self.y = None if y is None else torch.as_tensor(y).to(self.view.device)
         self.pi = pi
-        self.name = name or f"{'-'.join(str(s) for s in self._arch())} net"
+        self.name = name or (type(self.model).__name__ if self.view.is_general
+                             else f"{'-'.join(str(s) for s in self._arch())} net")
         self.cache_size = int(cache_size)
-        self.F = exact_fisher(self.model, self.X, self.likelihood, layers=self.layers, chunk_size=chunk_size)
+        self.F = exact_fisher(self.view, self.X, self.likelihood, layers=self.layers, chunk_size=chunk_size)
         self.factors = kronecker_factors(
-            self.model, self.X, self.likelihood, layers=self.layers, pairs="all", chunk_size=chunk_size
+            self.view, self.X, self.likelihood, layers=self.layers, pairs="all", chunk_size=chunk_size,
+            approx=approx,
         )
+        self.approx = approx
         self.F_tilde = self.factors.dense()
         self.grad = self._gradient() if self.y is not None else None
         self._init_caches()
@@ -145,7 +155,7 @@ class CurvatureStudy:
             grads = list(torch.autograd.grad(h, params))
         mats = []
         for m in mods:
-            dw = grads.pop(0)
+            dw = grads.pop(0).reshape(m.weight.shape[0], -1)  # a convolution's weight.reshape(out, −1)
             if m.bias is not None:
                 dw = torch.cat([dw, grads.pop(0)[:, None]], dim=1)
             mats.append(dw.detach())
@@ -395,7 +405,7 @@ class CurvatureStudy:
         key = (int(k), int(l), tuple(sorted(kw.items())))
         if key not in self._cumulants:
             self._cumulants[key] = cumulant_terms(
-                self.model, self.X, self.likelihood, int(k), int(l), y=self.y, **kw
+                self.view, self.X, self.likelihood, int(k), int(l), y=self.y, **kw
             )
         return self._cumulants[key]
 
@@ -421,6 +431,16 @@ class CurvatureStudy:
         return 1e-6 * s
 
 
+def _study_view(model, X, example_input) -> NetworkView:
+    """The view a study reads: a given view as is, an ``nn.Sequential`` in module order, any other module
+    through a probe pass on ``example_input`` (default: the first two cases of X)."""
+    if isinstance(model, NetworkView):
+        return model if example_input is None else NetworkView(model.model, example_input)
+    if example_input is None and isinstance(model, torch.nn.Module) and not isinstance(model, torch.nn.Sequential):
+        example_input = torch.as_tensor(X)[:2]
+    return NetworkView(model, example_input)
+
+
 class StudySubset(CurvatureStudy):
     """A :class:`CurvatureStudy` restricted to some of its layers (:meth:`CurvatureStudy.subset`).
 
@@ -433,6 +453,7 @@ class StudySubset(CurvatureStudy):
         sel = parent.factors.select(layers)
         self.model, self.view, self.likelihood = parent.model, parent.view, parent.likelihood
         self.X, self.y, self.pi, self.cache_size = parent.X, parent.y, parent.pi, parent.cache_size
+        self.approx = parent.approx
         self.layers = sel
         self.name = f"{parent.name} [{', '.join(layer_label(k) for k in sel)}]"
         where = dict(zip(parent.layers, block_slices(parent.sizes)))

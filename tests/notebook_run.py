@@ -32,10 +32,11 @@ _RUNS: dict[str, nbformat.NotebookNode | BaseException] = {}
 
 
 def kernel_env() -> dict[str, str]:
-    """The test process's environment minus MPLBACKEND: exporting Agg into the kernel replaces the
-    inline backend and the figures vanish from the outputs."""
+    """The test process's environment minus MPLBACKEND (exporting Agg into the kernel replaces the
+    inline backend and the figures vanish from the outputs), with KFAC_LENS_NOTEBOOK_DATA=digits."""
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)
+    env.setdefault("KFAC_LENS_NOTEBOOK_DATA", "digits")  # 05_your_own_network trains on the offline digits
     return env
 
 

@@ -29,6 +29,7 @@ EXPECTED = {
     "02_block_diagonal_vs_tridiagonal.ipynb": dict(figures=3, explorers=["DampingExplorer"]),
     "03_damping_and_rescaling.ipynb": dict(figures=1, explorers=["RescalingExplorer"]),
     "04_training.ipynb": dict(figures=1, explorers=[]),
+    "05_your_own_network.ipynb": dict(figures=2, explorers=["DampingExplorer"]),  # on digits (notebook_run)
 }
 
 
