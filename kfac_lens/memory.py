@@ -39,3 +39,15 @@ def check_dense_fits(P: int, dtype: torch.dtype, device: torch.device, *, copies
             "Restrict it with layers=[...], or use the matrix-free products "
             "(fisher_vector_product, the inverse operators' apply/@) instead of a dense matrix."
         )
+
+
+def release_free_memory() -> None:
+    """Collect garbage and return freed heap memory to the OS (glibc ``malloc_trim``), so that a long job
+    that goes from one large computation to the next holds only what is live (a no-op where unavailable)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .curvature.damping import trace_pi
+from .curvature.operators import cond_limits
 from .errors import SingularFactorError
 from .optim.proposals import ProposalCache
 
@@ -103,12 +105,15 @@ def figure7_data(optimizer, X, y, gammas=None, *, lam=None, progress=False, cach
     kw = dict(lam=lam, variants=variants, progress=progress)
     own = optimizer.view.dtype
     if dtype == "auto":
+        if cache.auto_dtype is None and likely_refused(optimizer, float(np.min(gammas))):
+            cache.auto_dtype = torch.float64  # (skip an attempt in the model's dtype that would fail)
         target = torch.float64 if cache.auto_dtype == torch.float64 else own
         try:
             df = _sweep_in(optimizer, X, y, gammas, target, cache, kw, per_gamma=False)
         except SingularFactorError:
             if target != torch.float64:
                 cache.auto_dtype = target = torch.float64
+                cache.proposals = ProposalCache()  # (free the abandoned attempt's passes)
             df = _sweep_in(optimizer, X, y, gammas, target, cache, kw, per_gamma=True)
     else:
         target = own if dtype is None else dtype
@@ -116,6 +121,25 @@ def figure7_data(optimizer, X, y, gammas=None, *, lam=None, progress=False, cach
     return df.assign(figure="7", chosen_gamma=optimizer.gamma,
                      lam=optimizer.lam if lam is None else float(lam),
                      dtype=str(target).removeprefix("torch."))
+
+
+def likely_refused(optimizer, gamma: float, margin: float = 10.0) -> bool:
+    """Whether a damped diagonal factor Ā_kk + πγI or G_kk + (γ/π)I (trace-norm π, Appendix E.3) has a
+    condition number κ₂ within ``margin`` of what the optimizer's dtype refuses to invert (:func:`cond_limits`),
+    from the factors' eigenvalues. A hint only: a refusal it misses is still caught by :func:`figure7_data`."""
+    own = optimizer.view.dtype
+    if own == torch.float64 or optimizer.factors is None:
+        return False
+    limit = cond_limits(own)[1] / margin
+    factors = optimizer.factors
+    for k in factors.layers:
+        A, G = factors.A[k, k].double(), factors.G[k, k].double()
+        pi = trace_pi(A, G)
+        for M, damping in ((A, pi * gamma), (G, gamma / pi)):
+            s = torch.linalg.eigvalsh(0.5 * (M + M.T)) + damping
+            if float(s.min()) <= 0 or float(s.max() / s.min()) > limit:
+                return True
+    return False
 
 
 def _sweep_in(optimizer, X, y, gammas, dtype, cache: SweepCache, kw: dict, per_gamma: bool) -> pd.DataFrame:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import os
 import threading
 import time
@@ -19,6 +17,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+
+from ..memory import release_free_memory
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,7 @@ def _reset_hwm() -> bool:
 
 def _release_free_heap() -> None:
     """Return freed heap memory to the OS, so that RSS starts each measurement from what is live."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_free_memory()
 
 
 @dataclass
