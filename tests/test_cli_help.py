@@ -24,6 +24,9 @@ def help_of(argv, capsys) -> str:
     (["bench"], "kfac-lens bench"),
     (["bench", "fisher"], "kfac-lens bench fisher"),
     (["bench", "optimizer"], "kfac-lens bench optimizer"),
+    (["bench", "distributed"], "kfac-lens bench distributed"),
+    (["inspect"], "kfac-lens inspect"),
+    (["gpu-check"], "kfac-lens gpu-check"),
 ])
 def test_every_subcommand_has_help(argv, prog, capsys):
     out = help_of(argv, capsys)
