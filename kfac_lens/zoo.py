@@ -292,10 +292,23 @@ def autoencoder(preset: str = "quick", data: str = "mnist", *, cache_dir=None, d
 def training_comparison(preset: str = "quick", data: str = "mnist", *, iterations: int | None = None,
                         sgd_lr: float = 0.03, adam_lr: float = 1e-2, batch_size: int = 500, cache_dir=None,
                         device=None, progress: bool = True, retrain: bool = False,
-                        seed: int = 0) -> dict[str, pd.DataFrame]:
+                        seed: int = 0, seeds=None) -> dict[str, pd.DataFrame]:
     """Histories of K-FAC (block-diagonal and block-tridiagonal, the paper's exponential batch schedule,
     ``iterations`` iterations) and the baselines SGD-Nesterov and Adam (fixed batch ``batch_size``, run for
-    as much optimizer time as the slower K-FAC run) on the autoencoder problem."""
+    as much optimizer time as the slower K-FAC run) on the autoencoder problem.
+
+    ``seeds`` (e.g. ``(0, 1, 2)``) runs the comparison once per seed (each cached on its own) and stacks each
+    method's histories with a ``seed`` column, which :func:`kfac_lens.figures.figure_training_curves` draws
+    as the median with a min–max band."""
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("seeds: give at least one seed (or None for the single run of `seed`).")
+        runs = [training_comparison(preset, data, iterations=iterations, sgd_lr=sgd_lr, adam_lr=adam_lr,
+                                    batch_size=batch_size, cache_dir=cache_dir, device=device, progress=progress,
+                                    retrain=retrain, seed=s) for s in seeds]
+        return {name: pd.concat([r[name].assign(seed=s) for s, r in zip(seeds, runs)], ignore_index=True)
+                for name in runs[0]}
     p = dict(AUTOENCODER_PRESETS[preset])
     iterations = iterations or p["iterations"]
     ds = autoencoder_data(preset, data, seed)

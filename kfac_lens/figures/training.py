@@ -1,7 +1,9 @@
 """Training curves: loss and error against iterations, training cases processed and time (Section 13).
 
 :func:`draw_training_curves` draws the histories that :func:`kfac_lens.optim.train` records on a
-Figure; :func:`figure_training_curves` makes the CLI's figure from them.
+Figure; :func:`figure_training_curves` makes the CLI's figure from them. A history with a ``seed``
+column holding several seeds is drawn as the median over the seeds with a min–max band
+(:func:`seed_band`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
@@ -21,6 +24,7 @@ __all__ = [
     "TrainingLabels",
     "draw_training_curves",
     "figure_training_curves",
+    "seed_band",
     "training_comparison_labels",
 ]
 
@@ -77,10 +81,7 @@ def draw_training_curves(fig: Figure, histories: Mapping[str, pd.DataFrame],
                 f"history {name!r} lacks column(s) {sorted(missing)}; "
                 "need iteration, time (seconds), loss and optionally error and batch_size."
             )
-    histories = {
-        name: (h.assign(cases_processed=h["batch_size"].astype(float).cumsum()) if "batch_size" in h.columns else h)
-        for name, h in histories.items()
-    }
+    histories = {name: _with_cases_processed(h) for name, h in histories.items()}
     has_error, xaxes = training_layout(histories)
     n_rows, n_cols = (2 if has_error else 1), len(xaxes)
     err_short, err_formula = error_definition(labels.likelihood)
@@ -94,6 +95,12 @@ def draw_training_curves(fig: Figure, histories: Mapping[str, pd.DataFrame],
             ax = axes[r, c]
             for name, h in histories.items():
                 if col in h.columns and xcol in h.columns:
+                    band = seed_band(h, xcol, col, log_x=xcol == "iteration") if _n_seeds(h) > 1 else None
+                    if band is not None:
+                        x, med, lo, hi = band
+                        line, = ax.plot(x, med, label=f"{name} (median, min–max of {_n_seeds(h)} seeds)", lw=1.3)
+                        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+                        continue
                     vals = h[col].astype(float)
                     ok = vals > 0
                     ax.plot(h[xcol][ok], vals[ok], label=str(name), lw=1.3)
@@ -112,6 +119,44 @@ def draw_training_curves(fig: Figure, histories: Mapping[str, pd.DataFrame],
                      + ", on the whole training set every few iterations")
     fig.suptitle("\n".join(lines), fontsize=10)
     return pd.concat([h.assign(run=name) for name, h in histories.items()], ignore_index=True)
+
+
+def _n_seeds(h: pd.DataFrame) -> int:
+    return int(h["seed"].nunique()) if "seed" in h.columns else 1
+
+
+def _with_cases_processed(h: pd.DataFrame) -> pd.DataFrame:
+    """``cases_processed``: the cumulative sum of ``batch_size`` (per seed where there is a ``seed`` column)."""
+    if "batch_size" not in h.columns:
+        return h
+    bs = h["batch_size"].astype(float)
+    return h.assign(cases_processed=bs.groupby(h["seed"]).cumsum() if "seed" in h.columns else bs.cumsum())
+
+
+def seed_band(h: pd.DataFrame, xcol: str, ycol: str, *, log_x: bool = False, points: int = 200):
+    """The median and the min–max range over the seeds of ``h`` (a history with a ``seed`` column) of the
+    positive values of ``ycol`` against ``xcol``: each seed's curve interpolated (in log y; in log x when
+    ``log_x``) onto ``points`` values of x over the range every seed covers. Returns (x, median, low, high)
+    arrays, or None when the seeds' ranges of x do not overlap."""
+    curves = []
+    for _, g in h.groupby("seed", sort=True):
+        g = g[[xcol, ycol]].astype(float).dropna()
+        g = g[g[ycol] > 0].sort_values(xcol).drop_duplicates(xcol, keep="last")
+        if len(g) == 0:
+            continue
+        curves.append((g[xcol].to_numpy(), np.log(g[ycol].to_numpy())))
+    if not curves:
+        return None
+    start, stop = max(c[0][0] for c in curves), min(c[0][-1] for c in curves)
+    if not start <= stop:
+        return None
+    geometric = log_x and start > 0
+    x = np.geomspace(start, stop, points) if geometric and stop > start else np.linspace(start, stop, points)
+    if geometric:
+        ys = np.stack([np.interp(np.log(x), np.log(cx), cy) for cx, cy in curves])
+    else:
+        ys = np.stack([np.interp(x, cx, cy) for cx, cy in curves])
+    return x, np.exp(np.median(ys, axis=0)), np.exp(ys.min(axis=0)), np.exp(ys.max(axis=0))
 
 
 def error_definition(likelihood: str | None) -> tuple[str, str]:
@@ -143,6 +188,8 @@ def figure_training_curves(
 
     The title names ``network``, ``data`` and ``preset`` when given (``title`` replaces its first line).
     Metrics: all histories stacked with a ``run`` column (and ``cases_processed`` where defined).
+    A history with a ``seed`` column of several seeds (:func:`kfac_lens.zoo.training_comparison` with
+    ``seeds=``) is drawn as its median over the seeds with a min–max band (:func:`seed_band`).
     """
     has_error, xaxes = training_layout(histories)
     n_rows, n_cols = (2 if has_error else 1), len(xaxes)

@@ -66,12 +66,12 @@ class KFAC(torch.optim.Optimizer):
     - ``lr`` = 1: scales the final update, θ ← θ + lr·δ (``param_groups[0]["lr"]``, so torch's lr schedulers
       apply). K-FAC already chooses the step length (α, μ of Appendices E.4, F); lr = 1 is the paper's step,
       and 0 < lr < 2 keeps M(lr·δ) = lr(2 − lr)M(δ) < 0. ρ (E.5) uses M of the step taken.
-    - ``lambda_init`` = 150 (E.5), ``eta`` = 1e-5 (ℓ2 strength; Section 7 autoencoders),
-      ``gamma_init`` = √(λ+η) (E.6).
+    - ``lambda_init`` = 150 (E.5), ``eta`` = 1e-5 (ℓ2 strength; Section 7), ``gamma_init`` = √(λ+η) (E.6).
     - ``T1`` = 5 (λ rule period), ``T2`` = 20 (γ search period, a multiple of ``T3``), ``T3`` = 20
       (inverse refresh period).
-    - ``omega1`` = (19/20)^T1, ``omega2`` = (√(19/20))^T2.
-    - ``tau1`` = 1/8 (factor-statistics subset), ``tau2`` = 1/4 (exact-F products subset).
+    - ``omega1`` = (19/20)^T1, ``omega2`` = (√(19/20))^T2; ``tau1`` = 1/8 (factor-statistics subset).
+    - ``tau2`` = 1/4: the subset for the exact-F products of α, μ, M (E.4, F). Take ``tau2=1`` when a few
+      cases carry the loss (a small batch of a nearly fitted classifier): on S₂ they may be missed (README).
     - ``momentum`` = True (Appendix F), ``rescale`` = True (E.4), ``pi`` = "trace" or 1 (E.3),
       ``eps_max`` = 0.95 (EMA cap), ``low_rank`` = True (Appendix G trick, block-diagonal only).
     - ``adapt_gamma`` / ``adapt_lambda`` = True switch the E.6 / E.5 rules off when False.

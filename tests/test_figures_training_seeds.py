@@ -1,0 +1,56 @@
+"""The training comparison over several seeds: one history per method with a ``seed`` column, drawn as the
+median with a min–max band (Section 13's curves, issue 10's robust comparisons)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.collections import PolyCollection
+
+from kfac_lens import zoo
+from kfac_lens.figures import figure_training_curves
+from kfac_lens.figures.training import seed_band
+
+
+def _seeded(scales, n=20, step=1.0):
+    it = np.arange(1, n + 1)
+    return pd.concat([pd.DataFrame({"iteration": it, "time": step * s * it, "loss": s / it, "batch_size": 10,
+                                    "seed": k}) for k, s in enumerate(scales)], ignore_index=True)
+
+
+def test_seed_band_median_and_range_on_the_common_range():
+    h = _seeded([1.0, 2.0, 4.0])
+    x, med, lo, hi = seed_band(h, "iteration", "loss", log_x=True)
+    assert x[0] == 1 and x[-1] == 20 and np.all(np.diff(x) > 0)
+    np.testing.assert_allclose(med, 2.0 / x, rtol=1e-9)  # the middle seed
+    np.testing.assert_allclose(lo, 1.0 / x, rtol=1e-9)
+    np.testing.assert_allclose(hi, 4.0 / x, rtol=1e-9)
+    x, med, _, _ = seed_band(h, "time", "loss")  # seeds cover time [1, 20], [2, 40], [4, 80]: common [4, 20]
+    assert x[0] == 4.0 and x[-1] == 20.0
+    assert seed_band(pd.DataFrame({"time": [1.0, 2.0, 5.0, 6.0], "loss": 1.0, "seed": [0, 0, 1, 1]}),
+                     "time", "loss") is None  # no common range
+
+
+def test_figure_draws_a_band_per_seeded_method():
+    drawn = figure_training_curves({"kfac": _seeded([1.0, 2.0, 4.0]), "sgd": _seeded([3.0])})
+    fig, df = drawn
+    ax = fig.axes[0]
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 1  # one band: the seeded method
+    labels = [line.get_label() for line in ax.lines]
+    assert labels == ["kfac (median, min–max of 3 seeds)", "sgd"]
+    cases_ax = next(a for a in fig.axes if "cases processed" in a.get_xlabel())
+    assert cases_ax.lines[0].get_xdata().max() == 200  # cumulated per seed: 20 iterations × 10 cases
+    assert set(df["seed"]) == {0, 1, 2}
+
+
+def test_training_comparison_stacks_seeds(tmp_path):
+    hist = zoo.training_comparison("quick", "digits", iterations=3, cache_dir=tmp_path, device="cpu",
+                                   progress=False, seeds=(0, 1))
+    assert list(hist) == ["K-FAC block-diagonal", "K-FAC block-tridiagonal", "SGD-Nesterov", "Adam"]
+    for h in hist.values():
+        assert sorted(h["seed"].unique()) == [0, 1]
+    single = zoo.training_comparison("quick", "digits", iterations=3, cache_dir=tmp_path, device="cpu",
+                                     progress=False, seed=1)  # cached by the seeded call
+    kb = hist["K-FAC block-diagonal"]
+    pd.testing.assert_frame_equal(kb[kb["seed"] == 1].drop(columns="seed").reset_index(drop=True),
+                                  single["K-FAC block-diagonal"])
