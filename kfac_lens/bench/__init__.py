@@ -9,7 +9,9 @@ Their numbers are reported, never asserted in tests. Run them as ``kfac-lens ben
 - ``explorer`` (:mod:`~kfac_lens.bench.explorer`): one γ move of the DampingExplorer against 0.3 s;
 - ``memory`` (:mod:`~kfac_lens.bench.memory`): the peak RSS of ``kfac-lens figures`` against 1.5 GB;
 - ``distributed`` (:mod:`~kfac_lens.bench.distributed`): the exact Fisher and data-parallel K-FAC on 1 and 2
-  ``torch.distributed`` processes.
+  ``torch.distributed`` processes;
+- ``quality`` (:mod:`~kfac_lens.bench.quality`): matrix-free approximation errors (±5%) and the F̂⁻¹F
+  spectrum on the quick autoencoder against 2 minutes.
 
 :mod:`~kfac_lens.bench.harness` holds what they share. To add a benchmark, write a module with a
 function that takes the parsed ``argparse.Namespace`` and returns a ``pandas.DataFrame``, an optional
@@ -26,23 +28,25 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from . import distributed, explorer, fisher, memory, optimizer
+from . import distributed, explorer, fisher, memory, optimizer, quality
 from .distributed import distributed_benchmark
 from .explorer import explorer_benchmark
 from .fisher import M_BASE, M_GEMM, M_OURS, fisher_benchmark
 from .harness import Benchmark
 from .memory import memory_benchmark
 from .optimizer import ADAM_LRS, KFAC_LAMBDAS, SGD_LRS, optimizer_benchmark
+from .quality import quality_benchmark
 
 __all__ = [
     "ADAM_LRS", "BENCHMARKS", "KFAC_LAMBDAS", "M_BASE", "M_GEMM", "M_OURS", "SGD_LRS", "Benchmark",
     "build_parser", "distributed_benchmark", "explorer_benchmark", "fisher_benchmark", "main", "memory_benchmark",
-    "optimizer_benchmark", "run",
+    "optimizer_benchmark", "quality_benchmark", "run",
 ]
 
 #: Every benchmark of ``kfac-lens bench``, by name.
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    fisher.BENCHMARK, optimizer.BENCHMARK, explorer.BENCHMARK, memory.BENCHMARK, distributed.BENCHMARK)}
+    fisher.BENCHMARK, optimizer.BENCHMARK, explorer.BENCHMARK, memory.BENCHMARK, distributed.BENCHMARK,
+    quality.BENCHMARK)}
 
 PROG = "python -m kfac_lens.bench"
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, vjp, vmap
 
 from ..capture import (
     Capture,
@@ -34,7 +34,7 @@ from ..errors import NonFiniteError
 from ..likelihoods import Likelihood, get_likelihood
 from ..distributed import CaseShards
 from ..memory import check_dense_fits
-from ..nets import NetworkView
+from ..nets import NetworkView, mats_to_vec
 
 
 def _pair_rows(ai: torch.Tensor, aj: torch.Tensor, same: bool) -> torch.Tensor:
@@ -371,3 +371,61 @@ def fisher_vector_product(model, X, likelihood, v, layers=None, dtype: torch.dty
     acc = shards.run(local_sum, "F v on this rank's cases")
     shards.sum_(*acc)
     return view.flatten(acc) if flat else acc
+
+
+def fisher_matrix_product(model, X, likelihood, V: torch.Tensor, layers=None,
+                          dtype: torch.dtype | None = torch.float64, chunk_size: int = 4096,
+                          distributed=None) -> torch.Tensor:
+    """Matrix-free ``F V`` for a block of m vectors, the columns of V (P × m), in one pass (Appendix J).
+
+    The same product as :func:`fisher_vector_product`, column by column, but the m tangents share one primal
+    forward pass (:func:`jacobian_products`, ``J V``), ``F_R`` acts on each, and one pullback is vectorised
+    over them (``torch.func.vmap``), so the layer GEMMs run on m·n rows at a time. Memory grows with
+    m·``chunk_size`` activations: lower ``chunk_size`` for wide blocks. ``dtype``: the computation's and the
+    result's (float32 halves the time on a CPU; the products then carry float32 rounding, ~1e-7 relative).
+    ``distributed``: X is this rank's shard; every rank receives F V over all cases (docs/math.md §2).
+    """
+    lik = get_likelihood(likelihood)
+    shards = CaseShards(distributed)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer number of cases, got {chunk_size!r}.")
+    if not isinstance(V, torch.Tensor) or V.ndim != 2:
+        raise ValueError(f"V must be a (P, m) tensor whose columns are flat θ-vectors, got "
+                         f"{type(V).__name__} of shape {tuple(getattr(V, 'shape', ()))}; for one vector use "
+                         "fisher_vector_product or V[:, None].")
+    view = analysis_view(model, dtype)
+    sel = view.select(layers)
+    P = view.n_params(sel)
+    if V.shape[0] != P:
+        raise ValueError(f"V must have P = {P} rows (the parameters of layers {list(sel)}), got {V.shape[0]}.")
+    X, _ = shards.run(lambda: check_inputs(view, X, likelihood=lik), "checking X")
+    n_cases = shards.global_count(X.shape[0], like=X)
+    m = V.shape[1]
+    if m == 0:
+        return V.new_zeros(P, 0).to(device=view.device, dtype=view.dtype)
+    Vd = V.to(device=view.device, dtype=view.dtype)
+    columns = [Vd[:, t] for t in range(m)]
+
+    def local_sum():
+        acc = torch.zeros(m, P, dtype=view.dtype, device=view.device)
+        for start in range(0, X.shape[0], chunk_size):
+            Xc = X[start:start + chunk_size]
+            z, Jvs = jacobian_products(view, Xc, columns, sel, dtype=view.dtype, checked=True)
+            U = torch.stack([output_fisher_vp(lik, z, Jv) for Jv in Jvs]) / n_cases
+            f, params, names = _layer_function(view, Xc, sel)
+            _, pullback = vjp(f, params)
+            try:
+                (grads,) = vmap(pullback)(U)
+            except RuntimeError:  # a module vmap cannot batch: one pullback per column
+                per = [pullback(u)[0] for u in U]
+                grads = {key: torch.stack([g[key] for g in per]) for key in per[0]}
+            mats = []
+            for wn, bn in names:
+                w = grads[wn].reshape(m, grads[wn].shape[1], -1)  # a convolution's (out, in·kh·kw)
+                mats.append(w if bn is None else torch.cat([w, grads[bn][:, :, None]], dim=2))
+            acc += mats_to_vec(mats)
+        return acc
+
+    acc = shards.run(local_sum, "F V on this rank's cases")
+    shards.sum_(acc)
+    return acc.T

@@ -1,0 +1,107 @@
+"""``kfac-lens bench quality`` in its quick mode, and the batched exact-F product it rests on.
+
+Timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kfac_lens import bench
+from kfac_lens.curvature.fisher import fisher_matrix_product, fisher_vector_product
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_fisher_matrix_product_matches_columns(likelihood):
+    net = _net()
+    X = torch.randn(40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    P = sum(p.numel() for p in net.parameters())
+    V = torch.randn(P, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    FV = fisher_matrix_product(net, X, likelihood, V, chunk_size=13)
+    ref = torch.stack([fisher_vector_product(net, X, likelihood, V[:, i]) for i in range(5)], dim=1)
+    torch.testing.assert_close(FV, ref, rtol=1e-12, atol=1e-14)
+    sub = torch.randn(7 * 6 + 3 * 5, 2, dtype=torch.float64)
+    FS = fisher_matrix_product(net, X, likelihood, sub, layers=[0, 2])
+    ref = torch.stack([fisher_vector_product(net, X, likelihood, sub[:, i], layers=[0, 2]).detach()
+                       for i in range(2)], dim=1)
+    torch.testing.assert_close(FS, ref, rtol=1e-12, atol=1e-14)
+    f32 = fisher_matrix_product(net, X, likelihood, V, dtype=torch.float32)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), FV, rtol=1e-4, atol=1e-6)
+
+
+class _Residual(nn.Module):
+    """A convolution and a skip connection: the functional (non-chain) path of the products."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.l1, self.l2, self.out = nn.Conv2d(1, 3, 3), nn.Linear(48, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(torch.relu(self.c(x)).flatten(1)))
+        return self.out(h + torch.tanh(self.l2(h)))
+
+
+def test_fisher_matrix_product_general_network():
+    from kfac_lens.nets import NetworkView
+
+    torch.manual_seed(0)
+    model = _Residual().double()
+    X = torch.randn(20, 1, 6, 6, dtype=torch.float64)
+    net = NetworkView(model, example_input=X[:2])
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
+    FV = fisher_matrix_product(net, X, "categorical", V, chunk_size=7)
+    ref = torch.stack([fisher_vector_product(net, X, "categorical", V[:, i]) for i in range(3)], dim=1)
+    torch.testing.assert_close(FV, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_fisher_matrix_product_names_bad_V():
+    net = _net()
+    X = torch.randn(10, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="V must be a"):
+        fisher_matrix_product(net, X, "categorical", torch.zeros(3))
+    with pytest.raises(ValueError, match="rows"):
+        fisher_matrix_product(net, X, "categorical", torch.zeros(3, 2, dtype=torch.float64))
+
+
+@pytest.mark.timeout(60)
+def test_quality_quick_table(capsys):
+    df = bench.run(["quality", "--quick", "--cases", "300", "--probes", "8", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "quality: matrix-free errors" in out and "targets 120 s" in out
+    assert list(df.columns) == ["quantity", "value", "ci_low", "ci_high", "ratio_to_target"]
+    assert df["quantity"].iloc[0] == "wall clock (s)"
+    assert math.isclose(df["ratio_to_target"].iloc[0], df["value"].iloc[0] / 120.0)
+    errors = df[df["quantity"].str.startswith("rel_frobenius")]
+    assert sorted(errors["quantity"]) == sorted(f"rel_frobenius {a}" for a in bench.quality.APPROXIMATIONS)
+    assert ((errors["ci_low"] <= errors["value"]) & (errors["value"] <= errors["ci_high"])).all()
+    top = df[df["quantity"].str.startswith("F̂⁻¹F")]["value"]
+    assert len(top) == 2 and top.iloc[0] >= top.iloc[1] > 0
+    assert df.attrs["comparison"].attrs["fisher_products"] > 0
+
+
+def test_quality_refuses_cuda():
+    with pytest.raises(SystemExit, match="drop --device"):
+        bench.run(["quality", "--quick", "--device", "cuda", "--no-print"])
+
+
+def test_compare_approximations_float32_products():
+    from kfac_lens.curvature.quality import compare_approximations
+
+    net = _net()
+    X = torch.randn(60, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(approximations=["kfac-blockdiag", "diagonal"], gamma=0.1, method="matrix-free", probes=6, top_k=3)
+    f64 = compare_approximations(net, X, "categorical", **kw)
+    f32 = compare_approximations(net, X, "categorical", fisher_dtype=torch.float32, **kw)
+    for col in ("rel_frobenius", "ci_low", "ci_high"):
+        torch.testing.assert_close(torch.tensor(f32[col].values), torch.tensor(f64[col].values), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="fisher_dtype"):
+        compare_approximations(net, X, "categorical", fisher_dtype=torch.float16, **kw)
