@@ -183,3 +183,14 @@ def test_factors_on_device(device):
     assert f.device.type == device.type
     assert_factors_equal(f, A, G, sel)
     assert O.rel(f.dense(), O.kfac_dense(A, G, sel)) < TOL
+
+
+def test_kron_accepts_non_contiguous_factors():
+    """torch.kron (2.13) raises on a transposed input; the package's kron gives A ⊗ B for any layout."""
+    from kfac_lens.curvature.blocks import kron
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 3, dtype=torch.float64, generator=g)
+    B = torch.randn(4, 2, dtype=torch.float64, generator=g)
+    ref = torch.stack([torch.stack([A[i, j] * B.T for j in range(3)], 0) for i in range(3)], 0)
+    ref = ref.permute(0, 2, 1, 3).reshape(3 * 2, 3 * 4)
+    assert torch.equal(kron(A, B.T), ref)

@@ -71,7 +71,8 @@ def ref_factors(W, x, y=None):
     a, B, p = ref_pass(W, x)
     if y is None:
         FR = output_fisher(p)
-        G = {(k, l): torch.einsum("nci,ncd,ndj->ij", B[k], FR, B[l]) / x.shape[0] for k in (0, 1) for l in (0, 1)}
+        G = {(k, l): torch.einsum("nci,ncd,ndj->ij", B[k], FR, B[l]).contiguous() / x.shape[0]
+             for k in (0, 1) for l in (0, 1)}  # (contiguous: torch.kron rejects some einsum layouts)
     else:
         r = p - nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
         g = [torch.einsum("nci,nc->ni", B[k], r) for k in (0, 1)]

@@ -25,6 +25,7 @@ from ..errors import DenseTooLargeError, SingularFactorError
 from ..likelihoods import get_likelihood
 from ..memory import available_bytes, check_dense_fits
 from ..nets import mats_to_vec, vec_to_mats
+from .blocks import kron
 from ..distributed import CaseShards
 from .damping import check_gamma
 from .factors import KroneckerFactors, kronecker_factors
@@ -89,7 +90,7 @@ def _kron_dense(A: dict, G: dict, layers: Sequence[int], shapes: Sequence[tuple[
         row = []
         for l, (dl, al) in zip(layers, shapes):
             if (k, l) in A:
-                row.append(torch.kron(A[k, l], G[k, l]))
+                row.append(kron(A[k, l], G[k, l]))
             else:
                 row.append(torch.zeros(dk * ak, dl * al, dtype=ref.dtype, device=ref.device))
         rows.append(torch.cat(row, dim=1))
@@ -224,7 +225,7 @@ class EigenbasisScaling(BlockOperator):
         return QG @ ((QG.T @ V @ QA) * self.S[i]) @ QA.T
 
     def dense_block(self, i):
-        K = torch.kron(self.QA[i], self.QG[i])
+        K = kron(self.QA[i], self.QG[i])
         return (K * mats_to_vec([self.S[i]])) @ K.T
 
 

@@ -116,3 +116,10 @@ def neighbour_share_chance(sizes: Sequence[int]) -> float:
     near = sum(s[i] * s[j] for i in range(n) for j in range(n) if block_kind(i, j) is BlockKind.TRIDIAGONAL)
     off = sum(s[i] * s[j] for i in range(n) for j in range(n) if i != j)
     return near / off if off else float("nan")
+
+
+def kron(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A ⊗ B`` (docs/math.md §3). ``torch.kron`` (2.13) raises on some non-contiguous inputs, such as a
+    transposed factor block or an ``einsum`` result laid out by opt_einsum, so the inputs are made
+    contiguous first."""
+    return torch.kron(A.contiguous(), B.contiguous())

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from .blocks import kron
 from .operators import BlockOperator, SymmetricEig, check_condition
 
 
@@ -63,7 +64,7 @@ class ExactTikhonovInverse(BlockOperator):
 
     def dense_block(self, i: int) -> torch.Tensor:
         EA, EG = self.eA[i].E, self.eG[i].E
-        K = torch.kron(EA, EG)
+        K = kron(EA, EG)
         inv = (1.0 / self.den[i]).T.reshape(-1)  # vec order: index c·d + r
         return (K * inv) @ K.T
 

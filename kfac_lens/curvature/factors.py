@@ -26,6 +26,7 @@ from ..likelihoods import Likelihood, get_likelihood
 from ..memory import check_dense_fits
 from ..distributed import CaseShards
 from ..nets import NetworkView, layer_indices
+from .blocks import kron
 
 PAIRS = ("all", "tridiag", "diag")
 APPROX = ("expand", "reduce")
@@ -144,7 +145,7 @@ class KroneckerFactors:
             )
         P = self.n_params(sel)
         check_dense_fits(P, self.dtype, self.device, max_bytes=max_bytes, what="dense F̃")
-        rows = [torch.cat([torch.kron(self.A[k, l], self.G[k, l]) for l in sel], dim=1) for k in sel]
+        rows = [torch.cat([kron(self.A[k, l], self.G[k, l]) for l in sel], dim=1) for k in sel]
         return torch.cat(rows, dim=0)
 
     # ------------------------------------------------------------------ damping (Appendix E.3, E.6)

@@ -18,7 +18,7 @@ import math
 import torch
 
 from ..memory import check_dense_fits
-from .blocks import block_offsets
+from .blocks import block_offsets, kron
 from .damping import check_gamma
 from .factors import KroneckerFactors
 from .operators import BlockOperator, PDFactor, SymmetricEig, check_condition, cond1, spd_inverse
@@ -70,7 +70,7 @@ class KroneckerSumInverse:
         return self.K2 @ ((self.K2.T @ V @ self.K1) / self.den) @ self.K1.T
 
     def dense(self) -> torch.Tensor:
-        K = torch.kron(self.K1, self.K2)
+        K = kron(self.K1, self.K2)
         return (K * (1.0 / self.den).T.reshape(-1)) @ K.T
 
 
@@ -115,13 +115,13 @@ class BlockDiagonalInverse(BlockOperator):
         return (self.G_inv[i] @ g_cols) @ (a_rows @ self.A_inv[i]) * scale
 
     def dense_block(self, i):
-        return torch.kron(self.A_inv[i], self.G_inv[i])
+        return kron(self.A_inv[i], self.G_inv[i])
 
     def dense_approximation(self, max_bytes=None) -> torch.Tensor:
         """F̆ itself: the diagonal blocks of the damped F̃ (needs no cross factors)."""
         ref = self.A_inv[0]
         check_dense_fits(self.n_params, ref.dtype, ref.device, max_bytes=max_bytes, what="dense F̆")
-        return torch.block_diag(*[torch.kron(self.factors.A[k, k], self.factors.G[k, k]) for k in self.layers])
+        return torch.block_diag(*[kron(self.factors.A[k, k], self.factors.G[k, k]) for k in self.layers])
 
 
 class BlockTridiagonalInverse(BlockOperator):
@@ -206,8 +206,8 @@ class BlockTridiagonalInverse(BlockOperator):
         check_dense_fits(P, ref.dtype, ref.device, max_bytes=max_bytes, what="dense F̂⁻¹")
         sizes = [r * c for r, c in self.shapes]
         offs = block_offsets(sizes)
-        lam = [s.dense() for s in self.sigma_inv] + [torch.kron(self.A_inv[-1], self.G_inv[-1])]
-        psi = [torch.kron(pa, pg) for pa, pg in zip(self.psi_A, self.psi_G)]
+        lam = [s.dense() for s in self.sigma_inv] + [kron(self.A_inv[-1], self.G_inv[-1])]
+        psi = [kron(pa, pg) for pa, pg in zip(self.psi_A, self.psi_G)]
         out = torch.zeros(P, P, dtype=ref.dtype, device=ref.device)
         n = len(sizes)
         for i in range(n):
