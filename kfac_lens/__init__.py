@@ -11,6 +11,7 @@ from .errors import DenseTooLargeError, NonFiniteError, SingularFactorError, Uns
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from .nets import NetworkView, mats_to_vec, vec_to_mats
 from .optim import KFAC
+from .options import Estimator, FactorApprox, InverseKind
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,5 @@ __all__ = [
     "DenseTooLargeError", "NonFiniteError", "SingularFactorError", "UnsupportedModelError",
     "Bernoulli", "Categorical", "Gaussian", "Likelihood", "get_likelihood",
     "NetworkView", "mats_to_vec", "vec_to_mats",
-    "KFAC",
+    "KFAC", "Estimator", "FactorApprox", "InverseKind",
 ]

@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from .errors import NonFiniteError, UnsupportedModelError
 from .likelihoods import Likelihood
 from .nets import NetworkView
+from .options import Estimator, parse
 from .probe import check_cases_first, check_modules, probe_layers
 
-ESTIMATORS = ("exact", "mc", "empirical")
+ESTIMATORS = Estimator.choices()
 
 
 @dataclass
@@ -316,13 +317,18 @@ def output_directions(likelihood: Likelihood, z: torch.Tensor, estimator: str, y
     raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
 
 
-def check_estimator(estimator: str, y, samples: int) -> None:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
+def check_estimator(estimator: str | Estimator, y, samples: int) -> str:
+    """The :class:`~kfac_lens.options.Estimator` ``estimator`` as its string, checked with what it needs."""
+    try:
+        estimator = parse(Estimator, estimator, "estimator").value
+    except ValueError:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS} "
+                         "(or kfac_lens.options.Estimator).") from None
     if estimator == "empirical" and y is None:
         raise ValueError("the empirical Fisher needs the training targets: pass y=.")
     if estimator == "mc":
         positive_int(samples, "samples", "targets sampled per case")
+    return estimator
 
 
 def capture(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int],

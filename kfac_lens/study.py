@@ -27,7 +27,7 @@ import torch
 from .curvature.blocks import block_slices
 from .curvature.compare import direction_errors, error_by_kind
 from .curvature.cumulants import CumulantTerms, cumulant_terms
-from .curvature.factors import KroneckerFactors, kronecker_factors
+from .curvature.factors import KroneckerFactors, check_approx, kronecker_factors
 from .curvature.fisher import exact_fisher
 from .curvature.inverses import BlockDiagonalInverse, BlockTridiagonalInverse
 from .curvature.operators import spd_inverse
@@ -117,12 +117,12 @@ class CurvatureStudy:
         self.name = name or (type(self.model).__name__ if self.view.is_general
                              else f"{'-'.join(str(s) for s in self._arch())} net")
         self.cache_size = int(cache_size)
+        self.approx = check_approx(approx)
         self.F = exact_fisher(self.view, self.X, self.likelihood, layers=self.layers, chunk_size=chunk_size)
         self.factors = kronecker_factors(
             self.view, self.X, self.likelihood, layers=self.layers, pairs="all", chunk_size=chunk_size,
-            approx=approx,
+            approx=self.approx,
         )
-        self.approx = approx
         self.F_tilde = self.factors.dense()
         self.grad = self._gradient() if self.y is not None else None
         self._init_caches()

@@ -111,22 +111,23 @@ def test_defaults_are_the_papers():
     assert opt.lam == 150.0
     assert opt.gamma == math.sqrt(150.0 + 1e-5)
     assert opt.inverse_kind == "blockdiag" and opt.curvature_estimator == "mc"
-    assert [opt._h(n) for n in ("T1", "T2", "T3")] == [5, 20, 20]
-    assert opt._h("omega1") == pytest.approx((19 / 20) ** 5, rel=1e-15)
-    assert opt._h("omega2") == pytest.approx(math.sqrt(19 / 20) ** 20, rel=1e-15)
-    assert opt._h("tau1") == 1 / 8 and opt._h("tau2") == 1 / 4
-    assert opt._h("eta") == 1e-5 and opt._h("eps_max") == 0.95
-    assert opt._h("momentum") is True and opt._h("rescale") is True and opt._h("pi") == "trace"
+    h = opt.hyper.at(opt.k)  # the hyper-parameters as the first step resolves them
+    assert [h.T1, h.T2, h.T3] == [5, 20, 20]
+    assert h.omega1 == pytest.approx((19 / 20) ** 5, rel=1e-15)
+    assert h.omega2 == pytest.approx(math.sqrt(19 / 20) ** 20, rel=1e-15)
+    assert h.tau1 == 1 / 8 and h.tau2 == 1 / 4
+    assert h.eta == 1e-5 and h.eps_max == 0.95
+    assert h.momentum is True and h.rescale is True and h.pi == "trace"
     # ω's follow T's when only T's are given
-    opt2 = KFAC(net, "categorical", T1=3, T2=10, T3=5)
-    assert opt2._h("omega1") == pytest.approx(0.95 ** 3) and opt2._h("omega2") == pytest.approx(0.95 ** 5)
+    h2 = KFAC(net, "categorical", T1=3, T2=10, T3=5).hyper.at(1)
+    assert h2.omega1 == pytest.approx(0.95 ** 3) and h2.omega2 == pytest.approx(0.95 ** 5)
     assert KFAC(net, "categorical", lambda_init=3.0, eta=1.0).gamma == 2.0
 
 
 @pytest.mark.parametrize("kw", [
     {"T2": 30, "T3": 20}, {"T1": 0}, {"T3": 0}, {"tau1": 0.0}, {"tau1": 1.5}, {"tau2": -0.1}, {"tau2": 2},
     {"pi": "x"}, {"pi": 0}, {"pi": True}, {"inverse": "full"}, {"inverse": "diag"}, {"eta": -1.0},
-    {"lambda_init": -1.0}, {"curvature_estimator": "empirical"},
+    {"lambda_init": -1.0}, {"curvature_estimator": "empirical"}, {"T1": 2.5}, {"eps_max": 1.5},
 ])
 def test_bad_hyper_parameters_raise(kw):
     net, _X, _y = small_problem()

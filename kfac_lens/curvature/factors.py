@@ -26,10 +26,11 @@ from ..likelihoods import Likelihood, get_likelihood
 from ..memory import check_dense_fits
 from ..distributed import CaseShards
 from ..nets import NetworkView, layer_indices
+from ..options import FactorApprox, parse
 from .blocks import kron
 
 PAIRS = ("all", "tridiag", "diag")
-APPROX = ("expand", "reduce")
+APPROX = FactorApprox.choices()
 
 
 def pair_list(layers: Sequence[int], pairs: str) -> list[tuple[int, int]]:
@@ -205,11 +206,13 @@ class KroneckerFactors:
                 f"estimator={self.estimator!r}, dtype={self.dtype})")
 
 
-def check_approx(approx: str) -> str:
-    if approx not in APPROX:
+def check_approx(approx: str | FactorApprox) -> str:
+    """The :class:`~kfac_lens.options.FactorApprox` ``approx`` as its string."""
+    try:
+        return parse(FactorApprox, approx, "approx").value
+    except ValueError:
         raise ValueError(f"approx must be one of {APPROX} (KFAC-expand or KFAC-reduce, Eschenhagen et al. 2023) "
-                         f"for layers with several uses per case, got {approx!r}.")
-    return approx
+                         f"for layers with several uses per case, got {approx!r}.") from None
 
 
 def use_rows(cap: Capture, k: int, approx: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -228,7 +231,7 @@ def factors_from_captures(captures: Iterable[Capture], view: NetworkView, layers
     """Average ``ā_k ā_lᵀ`` and ``w Σ_r g_k g_lᵀ`` over the captured cases (and uses, by ``approx``); with
     ``shards``, over the cases of every rank (sums all-reduced, divided by the global N)."""
     plist = pair_list(list(layers), pairs)
-    check_approx(approx)
+    approx = check_approx(approx)
     A: dict = {}
     G: dict = {}
 
@@ -271,7 +274,7 @@ def compute_factors(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, 
                     chunk_size: int | None = None, progress: bool | None = None,
                     approx: str = "expand", shards: CaseShards | None = None) -> KroneckerFactors:
     """Factors on already-checked inputs, in the view's own dtype (used by the optimizer)."""
-    check_approx(approx)
+    approx = check_approx(approx)
     caps = iter_captures(view, X, likelihood, layers, estimator, y, samples, generator, chunk_size,
                          progress=progress, desc="Kronecker factors")
     return factors_from_captures(caps, view, layers, pairs, estimator, approx, shards)
@@ -292,7 +295,7 @@ def kronecker_factors(model, X, likelihood: str | Likelihood, estimator: str = "
     (:mod:`kfac_lens.distributed`; rank r samples with its own seed).
     """
     lik = get_likelihood(likelihood)
-    check_estimator(estimator, y, samples)
+    estimator = check_estimator(estimator, y, samples)
     shards = CaseShards(distributed)
     view = analysis_view(model, dtype)
     sel = view.select(layers)

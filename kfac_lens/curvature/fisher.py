@@ -133,7 +133,7 @@ def fisher(model, X, likelihood: str | Likelihood, estimator: str = "exact", y=N
     """
     shards = CaseShards(distributed)
     lik = get_likelihood(likelihood)
-    check_estimator(estimator, y, samples)
+    estimator = check_estimator(estimator, y, samples)
     view = analysis_view(model, dtype)
     sel = view.select(layers)
     X, y = shards.run(lambda: check_inputs(view, X, y, likelihood=lik), "checking X and y")

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..memory import check_dense_fits
+from ..options import InverseKind, parse
 from .blocks import block_offsets, kron
 from .damping import check_gamma
 from .factors import KroneckerFactors
@@ -271,12 +272,11 @@ def factor_eigs(factors: KroneckerFactors, layers=None) -> dict:
 INVERSES = {"blockdiag": BlockDiagonalInverse, "tridiag": BlockTridiagonalInverse}
 
 
-def make_inverse(kind: str, factors: KroneckerFactors, gamma: float, layers=None, pi="trace", eigs=None,
+def make_inverse(kind: str | InverseKind, factors: KroneckerFactors, gamma: float, layers=None, pi="trace", eigs=None,
                  neighbours: str = "network"):
     """``kind``: "blockdiag" or "tridiag"; ``eigs`` (block-diagonal only) as in :class:`BlockDiagonalInverse`;
     ``neighbours`` (block-tridiagonal only) as in :class:`BlockTridiagonalInverse`."""
-    if kind not in INVERSES:
-        raise ValueError(f"inverse must be one of {sorted(INVERSES)}, got {kind!r}.")
+    kind = parse(InverseKind, kind, "inverse").value
     if neighbours not in NEIGHBOURS:
         raise ValueError(f"neighbours must be one of {NEIGHBOURS}, got {neighbours!r}.")
     if kind == "blockdiag":

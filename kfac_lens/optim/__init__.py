@@ -1,6 +1,7 @@
 """Optimizers: K-FAC (Appendices D–H) and the first-order baselines, with a shared training loop."""
 
 from .baselines import Adam, SGDNesterov
+from .hyperparams import KFACHyperParameters, ResolvedHyperParameters
 from .kfac import KFAC
 from .proposals import Proposal
 from .quadratic import SubspaceModel, alpha_star
@@ -15,8 +16,10 @@ from .train import evaluate, load_checkpoint, save_checkpoint, train
 
 __all__ = [
                         "KFAC",
+                        "KFACHyperParameters",
                         "Adam",
                         "Proposal",
+                        "ResolvedHyperParameters",
                         "SGDNesterov",
                         "SubspaceModel",
                         "alpha_star",

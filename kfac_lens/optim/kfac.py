@@ -21,7 +21,6 @@ One iteration on a mini-batch S′ of size m:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 import warnings
@@ -30,39 +29,38 @@ import torch
 
 from ..capture import check_inputs, warn_if_link_applied_twice
 from ..curvature.factors import KroneckerFactors
-from ..curvature.inverses import BlockDiagonalInverse, factor_eigs, make_inverse
+from ..curvature.inverses import BlockDiagonalInverse, make_inverse
 from ..distributed import CaseShards, rank_seed
 from ..errors import SingularFactorError
 from ..likelihoods import get_likelihood
+from ..options import Estimator, InverseKind, parse
 from .dropin import BatchRecorder, recorded_pass, torch_loss
 from .fisher_products import fisher_gram_from_pass, linearisation_plan
 from .general import check_inverse_uses, kfac_view, output_nll
 from .passes import GradientPass, checked_loss, gradient_pass, subset_statistics
-from .proposals import Proposal, ProposalCache, eigenbasis_directions, factor_eigenbases, subspace_grams
+from .hyperparams import KFACHyperParameters
+from .kfac_analysis import ProposalAnalysis
+from .kfac_state import KFACCheckpoint
+from .proposals import Proposal, eigenbasis_directions, factor_eigenbases, subspace_grams
 from .quadratic import SOLUTION_FIELDS, solve_subspaces
-from .schedules import (
-    default_omega1,
-    default_omega2,
-    ema_decay,
-    gamma_candidates,
-    levenberg_marquardt,
-    resolve,
-    validate_hyper_parameters,
-)
+from .schedules import ema_decay, gamma_candidates, levenberg_marquardt, resolve
 
 INVERSE_PAIRS = {"blockdiag": "diag", "tridiag": "tridiag"}
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
     """K-FAC (Martens & Grosse 2015, Algorithm 2) for an ``nn.Sequential``, or any ``nn.Module`` with
     ``example_input=X[:2]`` (its Linear and Conv2d layers; KFC for convolutions, :mod:`.general`).
 
     ``likelihood``: "categorical", "bernoulli", "gaussian", a :class:`~kfac_lens.Likelihood`, or the torch loss
     module of your training loop (``nn.CrossEntropyLoss()``, ``nn.BCEWithLogitsLoss()``, ``nn.MSELoss()``,
     reduction "mean"), which also enables ``step()`` after your own ``loss.backward()`` (:mod:`.dropin`).
-    Parameters follow the paper's names; each may be a number or a callable of the 1-based step k.
+    Parameters follow the paper's names; each may be a number or a callable of the 1-based step k. They are
+    kept, as given, in ``opt.hyper`` (:class:`~kfac_lens.optim.hyperparams.KFACHyperParameters`, which may be
+    edited between steps); ``opt.hyper.at(k)`` gives their checked values at step k.
 
-    - ``inverse``: "blockdiag" (F̆⁻¹, Section 3.2) or "tridiag" (F̂⁻¹, Section 3.3).
+    - ``inverse``: "blockdiag" (F̆⁻¹, Section 3.2) or "tridiag" (F̂⁻¹, Section 3.3), or an
+      :class:`~kfac_lens.options.InverseKind`.
     - ``lr`` = 1: scales the final update, θ ← θ + lr·δ (``param_groups[0]["lr"]``, so torch's lr schedulers
       apply). K-FAC already chooses the step length (α, μ of Appendices E.4, F); lr = 1 is the paper's step,
       and 0 < lr < 2 keeps M(lr·δ) = lr(2 − lr)M(δ) < 0. ρ (E.5) uses M of the step taken.
@@ -76,7 +74,8 @@ class KFAC(torch.optim.Optimizer):
       ``eps_max`` = 0.95 (EMA cap), ``low_rank`` = True (Appendix G trick, block-diagonal only).
     - ``adapt_gamma`` / ``adapt_lambda`` = True switch the E.6 / E.5 rules off when False.
     - ``curvature_estimator``: "mc" (the paper's one backward pass with sampled targets, Appendix D) or
-      "exact" (expectation over y exact; for tests and small problems).
+      "exact" (expectation over y exact; for tests and small problems); or an
+      :class:`~kfac_lens.options.Estimator`.
     - ``example_input``: a few cases of input, for a model that is not an ``nn.Sequential`` (or pass a
       :class:`~kfac_lens.NetworkView`). Layers used several times per case take KFAC-expand factors (KFC for
       convolutions) and no Appendix G low-rank form; an (N, T, C) output has one likelihood term per position
@@ -108,22 +107,23 @@ class KFAC(torch.optim.Optimizer):
         self.likelihood = get_likelihood(self.torch_loss.likelihood if self.torch_loss else likelihood)
         if not self.view.is_general:
             warn_if_link_applied_twice(self.view, self.likelihood)
-        if inverse not in INVERSE_PAIRS:
-            raise ValueError(f"inverse must be 'blockdiag' or 'tridiag', got {inverse!r}.")
+        inverse = parse(InverseKind, inverse, "inverse").value
         check_inverse_uses(self.view, inverse)
         self.inverse_kind = inverse
-        if curvature_estimator not in ("mc", "exact"):
+        try:
+            estimator = parse(Estimator, curvature_estimator, "curvature_estimator")
+        except ValueError:
+            estimator = None
+        if estimator not in (Estimator.MC, Estimator.EXACT):
             raise ValueError(f"curvature_estimator must be 'mc' (the paper's one sampled backward pass) or "
                              "'exact' (expectation over y exact; costs C backward passes), "
                              f"got {curvature_estimator!r}.")
-        self.curvature_estimator = curvature_estimator
+        self.curvature_estimator = estimator.value
         self.layers = list(range(len(self.view)))
         super().__init__([p for L in self.view.layers for p in L.module.parameters()], {"lr": lr})
-        self.hp = dict(eta=eta, T1=T1, T2=T2, T3=T3, tau1=tau1, tau2=tau2, momentum=momentum,
-                       rescale=rescale, pi=pi, eps_max=eps_max, low_rank=low_rank,
-                       adapt_gamma=adapt_gamma, adapt_lambda=adapt_lambda,
-                       omega1=omega1 if omega1 is not None else default_omega1(T1),
-                       omega2=omega2 if omega2 is not None else default_omega2(T2))
+        self.hyper = KFACHyperParameters(eta=eta, T1=T1, T2=T2, T3=T3, omega1=omega1, omega2=omega2, tau1=tau1,
+                                         tau2=tau2, momentum=momentum, rescale=rescale, pi=pi, eps_max=eps_max,
+                                         low_rank=low_rank, adapt_gamma=adapt_gamma, adapt_lambda=adapt_lambda)
         self._validate(1)
         lam = float(resolve(lambda_init, 1))
         if not lam >= 0:
@@ -144,15 +144,12 @@ class KFAC(torch.optim.Optimizer):
         self.recorder = BatchRecorder(self.view, self.torch_loss) if self.torch_loss else None
 
     # ------------------------------------------------------------------ hyper-parameters
-    def _h(self, name: str, k: int | None = None):
-        return resolve(self.hp[name], self.k if k is None else k)
-
     @property
     def lr(self) -> float:
         return float(self.param_groups[0]["lr"])
 
     def _validate(self, k: int) -> None:
-        validate_hyper_parameters(lambda name: self._h(name, k))
+        self.hyper.at(k)  # (raises ValueError on a value the rules cannot use)
         if not 0 < self.lr < 2:
             raise ValueError(f"lr must lie in (0, 2) (it scales K-FAC's step δ; 1 is the paper's), got {self.lr}.")
 
@@ -179,7 +176,7 @@ class KFAC(torch.optim.Optimizer):
         """The pass on all of (x, y) (for :meth:`propose` and :meth:`proposals`), ∇h and the weights."""
         batch = gradient_pass(self.view, self.likelihood, x, y, self.layers)
         checked_loss(float(batch.loss), self.k)
-        eta = float(self._h("eta"))
+        eta = self.hyper.at(self.k).eta
         params = self._params()
         grad = [dg + eta * W for dg, W in zip(batch.data_grad, params)] if eta else batch.data_grad
         return batch, grad, params
@@ -188,30 +185,17 @@ class KFAC(torch.optim.Optimizer):
         if self.factors is None:
             self.factors = new
         else:
-            self.factors.ema_(new, ema_decay(k, float(self._h("eps_max", k))))
+            self.factors.ema_(new, ema_decay(k, self.hyper.at(k).eps_max))
 
     def _build_inverse(self, gamma: float, factors: KroneckerFactors | None = None, eigs=None, pi=None):
         return make_inverse(self.inverse_kind, self.factors if factors is None else factors, gamma,
-                            pi=self._h("pi") if pi is None else pi, eigs=eigs)
-
-    def _rebuild_inverse(self, factors: KroneckerFactors, gamma: float, pi, shared_eigs: bool):
-        """The live inverse again, by the path that built it: by Cholesky, or (states saved by earlier
-        versions after a block-diagonal γ search) from the shared eigendecompositions. The two agree only to
-        rounding, so a resumed run that took the other path would drift from the uninterrupted one."""
-        return self._build_inverse(gamma, factors, eigs=factor_eigs(factors) if shared_eigs else None, pi=pi)
-
-    def _shared_eigs(self, n_gammas: int):
-        """For several block-diagonal inverses of the same factors (:meth:`proposals`), one
-        eigendecomposition of each undamped factor serves every γ."""
-        if self.inverse_kind == "blockdiag" and n_gammas > 1:
-            return factor_eigs(self.factors)
-        return None
+                            pi=self.hyper.at(self.k).pi if pi is None else pi, eigs=eigs)
 
     def _proposal_direction(self, inv, grad, batch: GradientPass, params, eta, m) -> list[torch.Tensor]:
         """Δ = −F̃⁻¹∇h, using Appendix G's low-rank form where it is cheaper (block-diagonal only)."""
         if not isinstance(inv, BlockDiagonalInverse):
             return [-u for u in inv.apply(grad)]
-        use_lr = bool(self._h("low_rank")) and not self.shards.active  # (the pieces are this rank's only)
+        use_lr = self.hyper.at(self.k).low_rank and not self.shards.active  # (the pieces are this rank's only)
         out = []
         for i, (G, W) in enumerate(zip(grad, params)):
             d, D = G.shape
@@ -254,7 +238,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _raise_gamma(self, gamma: float, pi, tries: int = 40):
         """When no candidate can be inverted, γ/ω₂, γ/ω₂², … until one can (Appendix E.6's grid upwards)."""
-        omega2 = float(self._h("omega2"))
+        omega2 = self.hyper.at(self.k).omega2
         for _ in range(tries):
             gamma = gamma / omega2
             try:
@@ -324,20 +308,20 @@ class KFAC(torch.optim.Optimizer):
 
     def _iteration(self, x, y, run_pass, t0: float) -> dict:
         k, m = self.k, x.shape[0]
-        eta = float(self._h("eta"))
-        T1, T2, T3 = int(self._h("T1")), int(self._h("T2")), int(self._h("T3"))
-        rescale, momentum, pi, lam = bool(self._h("rescale")), bool(self._h("momentum")), self._h("pi"), self.lam
-        S1 = self._subset(m, float(self._h("tau1")))
+        h = self.hyper.at(k)
+        eta, T1, T2, T3 = h.eta, h.T1, h.T2, h.T3
+        rescale, momentum, pi, lam = h.rescale, h.momentum, h.pi, self.lam
+        S1 = self._subset(m, h.tau1)
         batch, new_factors = run_pass(S1)
         if self.shards.active:
             self._average_over_ranks(batch, new_factors, m, S1.numel())
-        S2 = self._subset(m, float(self._h("tau2")))
+        S2 = self._subset(m, h.tau2)
         params = self._params()
         grad = [dg + eta * W for dg, W in zip(batch.data_grad, params)] if eta else batch.data_grad
         refresh = (k % T3 == 0) or k <= 3
         rebuild = refresh or self.inverse is None
-        candidates = (gamma_candidates(self.gamma, float(self._h("omega2")))
-                      if (k % T2 == 0 and self._h("adapt_gamma")) else [self.gamma])
+        candidates = (gamma_candidates(self.gamma, h.omega2) if (k % T2 == 0 and h.adapt_gamma)
+                      else [self.gamma])
         if rebuild:  # the factors change before the new inverse: refuse a non-finite loss first
             checked_loss(float(batch.loss), k)
             self._absorb(new_factors, k)
@@ -378,10 +362,10 @@ class KFAC(torch.optim.Optimizer):
         self.view.add_to_weights(step)
         M = best.M if lr == 1.0 else 0.5 * lr * lr * best.extra["quad"] + lr * best.extra["lin"]
         rho = float("nan")
-        if k % T1 == 0 and self._h("adapt_lambda"):
+        if k % T1 == 0 and h.adapt_lambda:
             h1 = self._objective(x, y, eta)
             rho = (h1 - h0) / M if M != 0 else float("nan")
-            self.lam = levenberg_marquardt(self.lam, rho, float(self._h("omega1")))
+            self.lam = levenberg_marquardt(self.lam, rho, h.omega1)
         self.delta0 = [d.detach() for d in step]  # (fresh tensors: nothing else holds them)
         self.k += 1
         return {"iteration": k, "loss": loss, "objective": h0, "lambda": self.lam, "gamma": self.gamma,
@@ -456,157 +440,6 @@ class KFAC(torch.optim.Optimizer):
         if self.recorder is not None:
             self.recorder.remove()
             self.recorder = None
-
-    @torch.no_grad()
-    def _improvement(self, delta, x, y, eta, h0: float | None = None) -> float:
-        h0 = self._objective(x, y, eta) if h0 is None else h0
-        saved = self.view.weight_matrices()  # restore exactly: θ + δ − δ ≠ θ in floating point
-        self.view.add_to_weights(delta)
-        try:
-            h1 = self._objective(x, y, eta)
-        finally:
-            self.view.set_weight_matrices(saved)
-        return h0 - h1
-
-    def propose(self, x, y, gamma: float | None = None, *, rescale: bool = True, momentum: bool = True,
-                lam: float | None = None, eval_x=None, eval_y=None) -> Proposal:
-        """Compute (without applying) the update K-FAC would make on (x, y) with the current factors.
-
-        ``gamma`` overrides the factored-Tikhonov strength (a fresh inverse is built for it),
-        ``rescale=False`` returns the raw Δ, ``momentum=False`` drops δ₀, ``lam`` overrides λ.
-        The improvement h(θ) − h(θ+δ) is measured on (eval_x, eval_y), default (x, y). Uses the
-        factors as they are (they must exist: take at least one :meth:`step` first). The exact-F
-        products use all of x (no τ₂ subset), so the result is deterministic.
-        """
-        if self.factors is None:
-            raise ValueError("propose() needs the Kronecker factors: run at least one step() first.")
-        x, y = check_inputs(self.view, x, y, what="x")
-        eta = float(self._h("eta"))
-        lam = self.lam if lam is None else float(lam)
-        with self._own_passes():
-            batch, grad, params = self._gradient_pass(x, y)
-            g = self.gamma if gamma is None else float(gamma)
-            inv = self.inverse if (gamma is None and self.inverse is not None) else self._build_inverse(g)
-            Delta = self._proposal_direction(inv, grad, batch, params, eta, x.shape[0])
-            prop = self._combine(Delta, grad, (batch, None), lam, eta, g, rescale, momentum)
-            ex, ey = (x, y) if eval_x is None else check_inputs(self.view, eval_x, eval_y, what="eval_x")
-            prop.improvement = self._improvement(prop.delta, ex, ey, eta)
-        return prop
-
-    def proposals(self, x, y, gammas, updates=((True, True),), *, lam: float | None = None, eval_x=None,
-                  eval_y=None, cache: ProposalCache | None = None, progress: bool = False) -> list[list[Proposal]]:
-        """For each γ of ``gammas`` and each ``(rescale, momentum)`` of ``updates``, the update K-FAC would make
-        on (x, y) with the current factors, λ and δ₀ (without applying it), with its improvement
-        h(θ) − h(θ+δ) on (eval_x, eval_y), default (x, y) (Appendices E.4, F; Figure 7's data, see
-        :func:`kfac_lens.sweep.gamma_sweep`).
-
-        The gradient is computed once and each γ's Δ is shared by the updates. ``cache`` (a
-        :class:`~kfac_lens.optim.proposals.ProposalCache` kept between calls on the same x, y) holds the
-        gradient pass, h(θ) and each γ's Δ and Gram matrices, so that a later call with another λ or γ
-        grid only recomputes what changed. Returns one list of proposals per γ, in the order of ``updates``.
-        """
-        from tqdm.auto import tqdm
-        if self.factors is None:
-            raise ValueError("proposals() needs the Kronecker factors: run at least one step() first.")
-        x, y = check_inputs(self.view, x, y, what="x")
-        ex, ey = (x, y) if eval_x is None else check_inputs(self.view, eval_x, eval_y, what="eval_x")
-        eta = float(self._h("eta"))
-        lam = self.lam if lam is None else float(lam)
-        cache = ProposalCache() if cache is None else cache
-        gammas = [float(g) for g in gammas]
-        out = []
-        with self._own_passes():
-            if cache.gradient is None:
-                cache.gradient = self._gradient_pass(x, y)
-            batch, grad, params = cache.gradient
-            if cache.h0 is None or eval_x is not None:
-                cache.h0 = self._objective(ex, ey, eta)
-            for g in tqdm(gammas, desc="γ sweep", disable=not progress, leave=False):
-                if g not in cache.directions:
-                    if not cache.eigs_ready:
-                        cache.eigs, cache.eigs_ready = self._shared_eigs(len(gammas)), True
-                    inv = self._build_inverse(g, eigs=cache.eigs)
-                    cache.directions[g] = self._proposal_direction(inv, grad, batch, params, eta, x.shape[0])
-                Delta = cache.directions[g]
-                if g not in cache.grams:
-                    cache.grams[g] = self._grams([Delta], grad, batch, None, with_delta0=True)
-                row = []
-                for rescale, momentum in updates:
-                    prop = self._combine(Delta, grad, None, lam, eta, g, rescale, momentum, grams=cache.grams[g])
-                    prop.improvement = self._improvement(prop.delta, ex, ey, eta, h0=cache.h0)
-                    row.append(prop)
-                out.append(row)
-        return out
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Everything needed to resume bit-identically: factors, the inverse's source (factors, γ, π and
-        whether a γ search's shared eigendecomposition built it), λ, γ, δ₀, k, RNG, lr (param_groups)."""
-        src = None
-        if self._inverse_source is not None:
-            f, g, pi, shared = self._inverse_source
-            src = {"factors": f.state_dict(), "gamma": g, "pi": pi, "shared_eigs": shared}
-        return {"k": self.k, "lambda": self.lam, "gamma": self.gamma, "inverse_kind": self.inverse_kind,
-                # A snapshot: the live factors are updated in place (EMA), so hand out copies.
-                "factors": None if self.factors is None else self.factors.clone().state_dict(),
-                "inverse_source": src,
-                "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
-                "generator": self.generator.get_state(),
-                "generator_device": self.generator.device.type,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("inverse_kind") != self.inverse_kind:
-            raise ValueError(f"state is for inverse={sd.get('inverse_kind')!r}, this optimizer uses "
-                             f"{self.inverse_kind!r}.")
-        dev, dt = self.view.device, self.view.dtype
-        self.k, self.lam, self.gamma = int(sd["k"]), float(sd["lambda"]), float(sd["gamma"])
-        self.factors = None if sd["factors"] is None else \
-            KroneckerFactors.from_state_dict(sd["factors"]).to(device=dev, dtype=dt).clone()  # EMA is in place
-        self.delta0 = None if sd["delta0"] is None else [d.to(device=dev, dtype=dt) for d in sd["delta0"]]
-        if sd["inverse_source"] is None:
-            self.inverse, self._inverse_source = None, None
-        else:
-            src = sd["inverse_source"]
-            f = KroneckerFactors.from_state_dict(src["factors"]).to(device=dev, dtype=dt)
-            g = float(src["gamma"])
-            # (states saved before these fields existed: Cholesky, the current π)
-            pi, shared = src.get("pi", self._h("pi")), bool(src.get("shared_eigs", False))
-            self._inverse_source = (f, g, pi, shared)
-            self.inverse = self._rebuild_inverse(f, g, pi, shared)
-        self._restore_generator(sd["generator"], sd.get("generator_device"))
-        for group, saved in zip(self.param_groups, sd.get("param_groups", [])):  # (older states: lr = 1)
-            group.update(saved)
-
-    def _restore_generator(self, state: torch.Tensor, saved_on: str | None) -> None:
-        """Continue the saved random stream (S₁, S₂, sampled targets) on the same kind of device. A stream
-        saved on another kind (CPU ↔ CUDA) cannot continue there, so a new one is seeded from it,
-        deterministically, and a warning says that the run is reproducible but not identical to a resume
-        on the original device."""
-        state = state.cpu() if hasattr(state, "cpu") else state
-        here = self.generator.device.type
-        if self.shards.rank > 0:  # a checkpoint holds rank 0's stream; rank r continues from one derived from it
-            digest = int.from_bytes(hashlib.sha256(bytes(state.tolist())).digest()[:7], "little")
-            self.generator.manual_seed(rank_seed(digest, self.shards.rank))
-            return
-        if saved_on in (None, here):
-            try:
-                self.generator.set_state(state)
-                return
-            except RuntimeError:  # (states saved before ``generator_device`` existed, on another device)
-                pass
-        seed = int.from_bytes(hashlib.sha256(bytes(state.tolist())).digest()[:8], "little")
-        self.generator.manual_seed(seed)
-        warnings.warn(f"K-FAC state: its random stream was saved on {saved_on or 'another device'} and this "
-                      f"optimizer samples on {here}; sampling continues from a stream seeded from the saved one, "
-                      "so the run is reproducible but not bit-identical to a resume on the original device.",
-                      RuntimeWarning, stacklevel=3)
-
-    def __getstate__(self) -> dict:  # torch.optim.Optimizer's keeps only defaults, state and param_groups
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"KFAC(inverse={self.inverse_kind!r}, k={self.k}, λ={self.lam:.4g}, γ={self.gamma:.4g}, lr={self.lr:g})"

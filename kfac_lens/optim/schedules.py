@@ -69,26 +69,3 @@ def exponential_batch_sizes(m1: int, n_cases: int, full_at: int = 500) -> Callab
 def sutskever_momentum(k: int, mu_max: float = 0.99) -> float:
     """Sutskever et al. (2013): μ_t = min(1 − 2^(−1 − log₂(⌊t/250⌋ + 1)), μ_max)."""
     return min(1.0 - 2.0 ** (-1.0 - math.log2(k // 250 + 1)), mu_max)
-
-
-def validate_hyper_parameters(h: Callable[[str], object]) -> None:
-    """Refuse hyper-parameter values the paper's rules cannot use; ``h(name)`` gives one value at step k."""
-    T1, T2, T3 = (int(h(n)) for n in ("T1", "T2", "T3"))
-    if min(T1, T2, T3) < 1:
-        raise ValueError(f"T1, T2, T3 must be positive integers, got {T1}, {T2}, {T3}.")
-    if T2 % T3:
-        raise ValueError(f"T2 = {T2} must be a multiple of T3 = {T3} (Appendix E.6), so that the γ search "
-                         "happens on iterations where the inverse is recomputed.")
-    for n in ("tau1", "tau2"):
-        t = float(h(n))
-        if not 0 < t <= 1:
-            raise ValueError(f"{n} must lie in (0, 1], got {t}.")
-    for n in ("omega1", "omega2"):
-        w = float(h(n))
-        if not 0 < w < 1:
-            raise ValueError(f"{n} must lie in (0, 1), got {w}.")
-    if float(h("eta")) < 0:
-        raise ValueError("eta must be ≥ 0.")
-    pi = h("pi")
-    if not (pi == "trace" or (isinstance(pi, (int, float)) and not isinstance(pi, bool) and pi > 0)):
-        raise ValueError(f"pi must be 'trace' or a positive number, got {pi!r}.")
