@@ -21,3 +21,7 @@ class DenseTooLargeError(ValueError):
 
 class NonFiniteError(ValueError):
     """Inputs, parameters or a loss contain NaN or Inf."""
+
+
+class DataUnavailableError(ValueError):
+    """No source of a data set worked; the message says what was tried and how to get the data."""

