@@ -206,14 +206,20 @@ def torch_device_for_local_rank():
     return device
 
 
-def run_tests(pytest_args: list[str]) -> int:
-    """Run the test suite of a source checkout (the tests are not part of an installed wheel)."""
+def run_checkout_script(command: str, cmd: list[str]) -> int:
+    """Run ``cmd`` in the source checkout this package is installed from (the tests and the docs sources
+    ship with the repository, not with an installed wheel)."""
     import subprocess
     root = Path(__file__).resolve().parents[1]
-    if not (root / "tests").is_dir():
-        raise SystemExit("kfac-lens test: the tests ship with the repository, not with the installed package; "
-                         "run ./kfac-lens test from a clone.")
-    return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=root)
+    if not (root / "tests").is_dir() or not (root / "docs").is_dir():
+        raise SystemExit(f"kfac-lens {command}: the tests and the docs ship with the repository, not with the "
+                         f"installed package; run ./kfac-lens {command} from a clone.")
+    return subprocess.call(cmd, cwd=root)
+
+
+def run_tests(pytest_args: list[str]) -> int:
+    """Run the test suite of a source checkout."""
+    return run_checkout_script("test", [sys.executable, "-m", "pytest", *pytest_args])
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
@@ -242,6 +248,8 @@ def main(argv=None) -> int:
         return bench.main(argv[1:], prog="kfac-lens bench")
     if argv[:1] == ["test"]:
         return run_tests(argv[1:])
+    if argv[:1] == ["docs"]:
+        return run_checkout_script("docs", [sys.executable, "docs/build.py", *argv[1:]])
     if argv[:1] == ["gpu-check"]:
         from . import gpu_check
         return gpu_check.main(argv[1:])
@@ -301,6 +309,8 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="benchmarks that print ratio tables (kfac-lens bench --help)", add_help=False)
     sub.add_parser("gpu-check", help="exercise the CUDA paths: device tests, benchmarks and figures on the GPU "
                                      "(kfac-lens gpu-check --help)", add_help=False)
+    sub.add_parser("docs", help="build the documentation site with the notebooks executed (docs/build.py; "
+                               "--help lists its options)", add_help=False)
     sub.add_parser("test", help="run the test suite of a source checkout (arguments go to pytest)",
                    add_help=False)
 

@@ -16,13 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
+from notebook_run import RUN_TIMEOUT, executed
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 CONFIG = ROOT / "mkdocs.yml"
 BUILD_TIMEOUT = 300  # seconds; a build takes about 15 s on two cores
+# The site shows the notebooks executed: the first test may be the one that executes them.
+pytestmark = pytest.mark.timeout(RUN_TIMEOUT)
 
 # The sections of docs/math.md that docstrings cite as "docs/math.md §N", with their anchors.
 MATH_SECTIONS = {1: "layout", 2: "fisher", 3: "factors", 4: "damping", 5: "inverses", 6: "cumulants",
@@ -44,10 +48,17 @@ def _report(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """The site built from the repository's own mkdocs.yml (once for this module)."""
+    """The site built by the one docs command, ``docs/build.py`` (``mkdocs build --strict`` of the repository's
+    mkdocs.yml), from the notebooks as this test session executes them (shared with test_notebooks.py)."""
     work = tmp_path_factory.mktemp("docs_build")
-    proc = _mkdocs_build(CONFIG, work / "site", cwd=work)  # cwd: caches (mkdocs-jupyter's) go to tmp
-    assert proc.returncode == 0, f"`mkdocs build --strict` failed:\n{_report(proc)}"
+    (work / "executed" / "notebooks").mkdir(parents=True)
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nbformat.write(executed(path.name, tmp_path_factory), work / "executed" / "notebooks" / path.name)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(  # cwd: caches (mkdocs-jupyter's) go to tmp
+        [sys.executable, str(DOCS / "build.py"), "--site", str(work / "site"), "--executed", str(work / "executed")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    assert proc.returncode == 0, f"`docs/build.py` (mkdocs build --strict) failed:\n{_report(proc)}"
     return work / "site"
 
 
@@ -60,7 +71,10 @@ def test_docs_build_strict(site):
     notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
     assert notebooks
     for name in notebooks:
-        assert (site / "notebooks" / name / "index.html").is_file(), f"notebook {name} is not rendered"
+        page = site / "notebooks" / name / "index.html"
+        assert page.is_file(), f"notebook {name} is not rendered"
+        # rendered with its outputs: the figures are inline PNG images
+        assert 'src="data:image/png;base64,' in page.read_text(encoding="utf-8"), f"{name} has no figure output"
 
 
 def test_math_page_has_every_section_anchor(site):
