@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-FIGURES = ("5", "6", "7", "exact", "inverse", "cumulants", "training")
+APPROXIMATION_CASES = 2000  # cases of the approximations-over-training figure (six dense comparisons)
+FIGURES = ("5", "6", "7", "exact", "inverse", "cumulants", "training", "approximations")
 
 
 def _device(name: str | None):
@@ -66,7 +67,8 @@ def run_figures(args) -> int:
         _say(f"  {ex}", args.quiet)
         n_cases = zoo.EXAMPLE_ANALYSIS_CASES[args.preset]
         X, y = ex.X[:n_cases], ex.y[:n_cases]
-        study = CurvatureStudy(ex.model, X, y, "categorical", layers=[1, 2, 3, 4])
+        study = (CurvatureStudy(ex.model, X, y, "categorical", layers=[1, 2, 3, 4])
+                 if any(f in wanted for f in ("5", "6", "exact", "inverse")) else None)
         if "5" in wanted:
             save(F.figure5(study), "figure5", "5")
         if "6" in wanted:
@@ -79,6 +81,11 @@ def run_figures(args) -> int:
             save(F.figure_inverse_structure(study, gamma), "figure_inverse_structure", "inverse")
         if "cumulants" in wanted:
             save(F.figure_cumulants(ex.model, X, "categorical", 2, 3), "figure_cumulants", "cumulants")
+        if "approximations" in wanted:
+            n = min(APPROXIMATION_CASES, len(X))
+            history = F.approximation_history(ex, X[:n], y[:n], "categorical", layers=[1, 2, 3, 4],
+                                              progress=progress)
+            save(F.figure_approximations(history), "figure_approximations", "approximations")
 
     def figure7():
         _say(f"autoencoder ({args.data}, preset {args.preset}) on {device}", args.quiet)
@@ -88,7 +95,7 @@ def run_figures(args) -> int:
         save(F.figure7(ae.optimizer, ae.X, ae.y, progress=progress), "figure7", "7")
 
     try:
-        if any(f in wanted for f in ("5", "6", "exact", "inverse", "cumulants")):
+        if any(f in wanted for f in ("5", "6", "exact", "inverse", "cumulants", "approximations")):
             example_figures()
             release_free_memory()
         if "7" in wanted:

@@ -34,9 +34,11 @@ state. The numbers come from the analysis layer: :class:`~kfac_lens.study.Curvat
 :mod:`kfac_lens.sweep`.
 
 Modules: :mod:`.panels` (panels, grids, the figure record), :mod:`.comparisons` (Figures 5, 6),
-:mod:`.companions` (F vs F̃, F̃⁻¹'s structure, Appendix B), :mod:`.update_quality` (Figure 7), :mod:`.training`.
+:mod:`.companions` (F vs F̃, F̃⁻¹'s structure, Appendix B), :mod:`.update_quality` (Figure 7), :mod:`.training`,
+:mod:`.approximations` (every approximation against the exact F over training).
 """
 
+from .approximations import approximation_history, draw_approximation_history, figure_approximations
 from .companions import (
     CUMULANT_PANELS,
     cumulant_grid,
@@ -78,11 +80,13 @@ __all__ = [
     "TRAINING_ERROR_DEFINITIONS",
     "TRAINING_LOSS_DEFINITION",
     "VMAX_QUANTILE",
+    "approximation_history",
     "TrainingLabels",
     "DrawnFigure",
     "MatrixPanel",
     "PanelGrid",
     "cumulant_grid",
+    "draw_approximation_history",
     "draw_cumulants",
     "draw_exact_vs_kfac",
     "draw_figure5",
@@ -94,6 +98,7 @@ __all__ = [
     "figure6",
     "figure7",
     "figure7_linthresh",
+    "figure_approximations",
     "figure_cumulants",
     "figure_exact_vs_kfac",
     "figure_inverse_structure",
