@@ -1,11 +1,13 @@
-"""A real browser drives the DampingExplorer served by Voila (docs/testing.md, "Browser").
+"""A real browser drives the DampingExplorer and the ApproximationExplorer served by Voila (docs/testing.md,
+"Browser").
 
-One Voila server per session serves a scratch copy of ``tests/browser/damping_explorer.ipynb`` on
-127.0.0.1. Debian's Chromium (``/usr/bin/chromium``, never a Playwright download) opens the page, the
+One Voila server per session serves scratch copies of ``tests/browser/*.ipynb`` on 127.0.0.1. Debian's
+Chromium (``/usr/bin/chromium``, never a Playwright download) opens each page. On the DampingExplorer the
 test moves the γ slider with the keyboard and checks that the kernel redrew the figure: the ``<img>``
 ``src`` changes, the pixels change, and the γ readout and the metrics table follow the slider. Then it
-switches the inverse dropdown to one row and checks the image shrinks. Screenshots are written to
-``test-artifacts/browser/``.
+switches the inverse dropdown to one row and checks the image shrinks. On the ApproximationExplorer the
+slider must redraw the spectrum and the error table, and choosing EK-FAC the matrix view. Screenshots are
+written to ``test-artifacts/browser/``.
 
 The fixture warms the zoo cache in this process first (``zoo.example_network("quick")``), so Voila's
 kernel only loads the network; with a warm cache the whole test takes well under a minute.
@@ -32,7 +34,9 @@ import pytest
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE_NOTEBOOK = Path(__file__).resolve().parent / "browser" / "damping_explorer.ipynb"
+PAGES = Path(__file__).resolve().parent / "browser"
+PAGE_NOTEBOOK = PAGES / "damping_explorer.ipynb"
+APPROXIMATION_PAGE = PAGES / "approximation_explorer.ipynb"
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -110,11 +114,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def voila_url(chromium_ready, tmp_path_factory):
-    """One Voila server on a free 127.0.0.1 port serving a scratch copy of the explorer notebook;
-    yields the page URL and stops the server (by its recorded PID/process group) at teardown."""
+    """One Voila server on a free 127.0.0.1 port serving scratch copies of the explorer notebooks;
+    yields the DampingExplorer page's URL (the others lie beside it) and stops the server (by its recorded
+    PID/process group) at teardown."""
     data = _warm_zoo()
     serve = tmp_path_factory.mktemp("voila")
-    shutil.copy(PAGE_NOTEBOOK, serve / PAGE_NOTEBOOK.name)
+    for page in PAGES.glob("*.ipynb"):
+        shutil.copy(page, serve / page.name)
     port = _free_port()
     log_path = serve / "voila.log"
     env = dict(os.environ, KFAC_LENS_BROWSER_DATA=data, JUPYTER_PLATFORM_DIRS="1")
@@ -297,3 +303,68 @@ def test_damping_explorer_slider_redraws_in_a_real_browser(browser_page, voila_u
           f"{readout_after}, {changed:.1%} of the figure's pixels changed; page errors: {page_errors}")
     for p in (shot_before, shot_after, shot_one_row):
         print(f"screenshot: {p}")
+
+
+def _move_slider_left(page, steps: int = 8) -> None:
+    handle = page.locator(".widget-slider .noUi-handle").first
+    handle.focus()
+    for _ in range(steps):
+        page.keyboard.press("ArrowLeft")
+        time.sleep(0.05)
+
+
+def test_approximation_explorer_follows_the_slider_and_the_choice_in_a_real_browser(browser_page, voila_url):
+    """The γ slider redraws the spectrum and the error table; choosing another approximation redraws the
+    matrix view (the second image)."""
+    page, page_errors = browser_page
+    t0 = time.perf_counter()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.goto(voila_url.replace(PAGE_NOTEBOOK.name, APPROXIMATION_PAGE.name), wait_until="domcontentloaded",
+              timeout=60_000)
+    spectrum, matrices = page.locator("img.widget-image").nth(0), page.locator("img.widget-image").nth(1)
+    readout = page.locator(".widget-slider .widget-readout").first
+    caption = page.locator(".widget-html", has=page.locator("table.kfac-lens-metrics")).first
+    try:
+        matrices.wait_for(state="visible", timeout=WIDGET_READY_S * 1000)
+        caption.wait_for(state="visible", timeout=30_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "approximation_explorer_failed_load.png"), full_page=True)
+        raise
+    assert "Traceback" not in page.inner_text("body"), "the notebook raised in Voila's kernel"
+    table_text = caption.inner_text()
+    for name in ("kfac", "kfac-blockdiag", "kfac-tridiag", "ekfac", "diagonal", "blockdiag-exact"):
+        assert name in table_text, f"{name} is missing from the error table"
+    gamma_before, readout_before = _gamma_in_table(table_text), readout.inner_text().strip()
+    assert float(readout_before) == pytest.approx(gamma_before, rel=0.01)
+    src_spectrum, src_matrices = spectrum.get_attribute("src"), matrices.get_attribute("src")
+    shot_spectrum = spectrum.screenshot()
+
+    _move_slider_left(page)
+    _wait("the slider readout to change", lambda: readout.inner_text().strip() != readout_before, 10)
+
+    def caught_up():
+        try:
+            target = float(readout.inner_text().strip())
+            return abs(_gamma_in_table(caption.inner_text()) - target) <= 0.01 * target
+        except (AssertionError, ValueError):
+            return False
+
+    _wait("the error table to reach the slider's γ", caught_up, REDRAW_S)
+    _wait("the spectrum to be redrawn", lambda: spectrum.get_attribute("src") != src_spectrum, REDRAW_S)
+    time.sleep(1.5)  # (any redraw still queued by the key presses)
+    gamma_after = _gamma_in_table(caption.inner_text())
+    assert 0.3 <= np.log10(gamma_before / gamma_after) <= 0.5, (gamma_before, gamma_after)
+    assert caption.inner_text() != table_text, "the error table did not change"
+    a, b = _decode(shot_spectrum), _decode(spectrum.screenshot())
+    assert a.shape == b.shape and np.any(a != b, axis=-1).mean() > 0.005, "the spectrum's pixels did not change"
+    page.screenshot(path=str(ARTIFACTS / "approximation_explorer_after_slider.png"), full_page=True)
+
+    # The matrix view follows the first chosen approximation (γ moves leave it alone: F_a is undamped).
+    assert matrices.get_attribute("src") == src_matrices
+    page.locator(".widget-select-multiple select").first.select_option(["ekfac"])
+    _wait("the matrix view of EK-FAC", lambda: matrices.get_attribute("src") != src_matrices, REDRAW_S)
+    page.screenshot(path=str(ARTIFACTS / "approximation_explorer_ekfac.png"), full_page=True)
+    assert not page_errors, page_errors
+    print(f"\napproximation explorer: γ {gamma_before:.3g} -> {gamma_after:.3g}; test body "
+          f"{time.perf_counter() - t0:.1f} s")
+

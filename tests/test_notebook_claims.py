@@ -253,3 +253,39 @@ def test_04_at_equal_time_kfac_is_ahead_of_both_baselines(nb04):
 
 def test_04_tridiagonal_is_ahead_of_block_diagonal_at_every_evaluation(nb04):
     assert nb04["tridiagonal_over_blockdiagonal_max"] < 1, nb04["tridiagonal_over_blockdiagonal_max"]
+
+
+# ---------------------------------------------------------------- 06: K-FAC among the approximations
+@pytest.fixture(scope="module")
+def nb06(tmp_path_factory):
+    return _numbers("06_approximations.ipynb", tmp_path_factory)
+
+
+def test_06_orderings_of_the_dense_errors(nb06):
+    """'EK-FAC's Frobenius error is never larger than F̆'s … no block-diagonal approximation can beat the exact
+    diagonal blocks'; 'F̃ and F̂ … err least'."""
+    e = nb06["dense_error"]
+    assert e["ekfac"] <= e["kfac-blockdiag"] * (1 + 1e-9)
+    assert e["blockdiag-exact"] <= e["ekfac"] * (1 + 1e-9)
+    assert max(e["kfac"], e["kfac-tridiag"]) < min(e[k] for k in ("kfac-blockdiag", "ekfac", "diagonal",
+                                                                  "blockdiag-exact"))
+
+
+def test_06_block_diagonal_errors_are_more_than_half_and_the_diagonal_more_than_ninety_percent(nb06):
+    e = nb06["dense_error"]
+    assert min(e[k] for k in ("kfac-blockdiag", "ekfac", "blockdiag-exact")) > 0.5, e
+    assert e["diagonal"] > 0.9, e
+
+
+def test_06_matrix_free_estimates_are_within_a_few_percent(nb06):
+    """'each lies within a few per cent of the dense value' (and the CG cosines match the dense ones)."""
+    assert nb06["matrix_free_max_relative_gap"] < 0.05, nb06["matrix_free_max_relative_gap"]
+    assert nb06["cosine_gap"] < 1e-4, nb06["cosine_gap"]
+
+
+def test_06_kfac_is_almost_exact_at_initialisation_and_degrades_tenfold(nb06):
+    """'under 1% at iteration 1' and 'grows by more than a factor of ten'; EK-FAC ≤ F̆ at every iteration."""
+    assert nb06["kfac_error_first"] < 0.01, nb06["kfac_error_first"]
+    assert nb06["kfac_error_last"] > 10 * nb06["kfac_error_first"]
+    assert nb06["ekfac_never_worse"]
+

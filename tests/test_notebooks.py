@@ -30,6 +30,7 @@ EXPECTED = {
     "03_damping_and_rescaling.ipynb": dict(figures=1, explorers=["RescalingExplorer"]),
     "04_training.ipynb": dict(figures=1, explorers=[]),
     "05_your_own_network.ipynb": dict(figures=2, explorers=["DampingExplorer"]),  # on digits (notebook_run)
+    "06_approximations.ipynb": dict(figures=1, explorers=["ApproximationExplorer"]),
 }
 
 
