@@ -103,8 +103,9 @@ def run_figures(args) -> int:
             release_free_memory()
         if "training" in wanted:
             _say(f"training comparison ({args.data}, preset {args.preset}) on {device}", args.quiet)
+            seeds = [args.seed + i for i in range(args.training_seeds)]
             hist = zoo.training_comparison(args.preset, args.data, device=device, progress=progress,
-                                           retrain=args.retrain, seed=args.seed)
+                                           retrain=args.retrain, seeds=seeds)
             save(F.figure_training_curves(hist, **F.training_comparison_labels(args.preset, args.data)),
                  "figure_training", "training")
     except DataUnavailableError as exc:
@@ -229,6 +230,13 @@ def run_tests(pytest_args: list[str]) -> int:
     return run_checkout_script("test", [sys.executable, "-m", "pytest", *pytest_args])
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``figures`` and ``train``."""
     p.add_argument("--preset", choices=("quick", "paper"), default="quick",
@@ -273,6 +281,9 @@ def main(argv=None) -> int:
                    help=f"which figures, any of {' '.join(FIGURES)} (default: all)")
     _common_arguments(f)
     f.add_argument("--out", default="figures", help="output folder (default: %(default)s)")
+    f.add_argument("--training-seeds", type=_positive_int, default=3, metavar="K",
+                   help="seeds of the training comparison (--seed, --seed+1, …), drawn as the median with a "
+                        "min–max band; each is trained once and cached (default: %(default)s)")
     f.add_argument("--gamma", type=float, default=None,
                    help="the γ of Figure 6 and the inverse-structure figure (default: the γ K-FAC held)")
     f.add_argument("--quiet", action="store_true", help="no progress messages or progress bars")

@@ -71,3 +71,29 @@ def test_figures_writes_one_metrics_table_per_figure(tmp_path, monkeypatch):
         assert set(part.columns) == set(t.columns) and len(part) == len(t)
         num = t.select_dtypes("number").columns
         np.testing.assert_allclose(part[num].to_numpy(float), t[num].to_numpy(float), equal_nan=True)
+
+
+@pytest.mark.parametrize("extra,seeds", [([], [4, 5, 6]), (["--training-seeds", "1"], [4])])
+def test_training_figure_runs_the_comparison_over_seeds(tmp_path, monkeypatch, extra, seeds):
+    """The training comparison is drawn over --training-seeds seeds from --seed (median and band)."""
+    import numpy as np
+
+    calls = []
+
+    def fake_comparison(preset, data, **kw):
+        calls.append(kw.get("seeds"))
+        it = np.arange(1, 11)
+        h = pd.concat([pd.DataFrame({"iteration": it, "time": 0.1 * it, "loss": 1.0 / it + s, "seed": s})
+                       for s in kw["seeds"]], ignore_index=True)
+        return {"SGD-Nesterov": h, "K-FAC block-diagonal": h}
+
+    monkeypatch.setattr(zoo, "training_comparison", fake_comparison)
+    assert cli.main(["figures", "--data", "digits", "--fig", "training", "--seed", "4", "--out", str(tmp_path),
+                     "--quiet", *extra]) == 0
+    assert calls == [seeds]
+
+
+def test_training_seeds_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["figures", "--training-seeds", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
