@@ -186,6 +186,17 @@ def _gamma_in_table(text: str) -> float:
     return float(m.group(1))
 
 
+def _caught_up(readout, caption):
+    """A condition: the kernel drew the γ the slider now shows (later key presses queue more redraws)."""
+    def drawn() -> bool:
+        try:
+            target = float(readout.inner_text().strip())
+            return abs(_gamma_in_table(caption.inner_text()) - target) <= 0.01 * target
+        except (AssertionError, ValueError):
+            return False
+    return drawn
+
+
 def _wait(what: str, cond, timeout: float, interval: float = 0.25):
     deadline = time.monotonic() + timeout
     while True:
@@ -235,23 +246,12 @@ def test_damping_explorer_slider_redraws_in_a_real_browser(browser_page, voila_u
     img_before = img.screenshot()
 
     # Move the slider with the keyboard: 8 steps of 0.05 decades to the left (smaller γ).
-    handle.focus()
-    for _ in range(8):
-        page.keyboard.press("ArrowLeft")
-        time.sleep(0.05)
+    _move_slider_left(page, 8)
 
     _wait("the slider readout to change", lambda: readout.inner_text().strip() != readout_before, 10)
     _wait("the <img> src to change", lambda: img_src() != src_before, REDRAW_S)
 
-    def caught_up():
-        """The kernel drew the γ the slider now shows (later presses queue more redraws)."""
-        try:
-            target = float(readout.inner_text().strip())
-            return abs(_gamma_in_table(caption.inner_text()) - target) <= 0.01 * target
-        except (AssertionError, ValueError):
-            return False
-
-    _wait("the metrics table to reach the slider's γ", caught_up, REDRAW_S)
+    _wait("the metrics table to reach the slider's γ", _caught_up(readout, caption), REDRAW_S)
     # then until the image stops changing (the last queued redraw has arrived)
     last, stable_since = img_src(), time.monotonic()
     while time.monotonic() - stable_since < 1.5:
@@ -342,14 +342,7 @@ def test_approximation_explorer_follows_the_slider_and_the_choice_in_a_real_brow
     _move_slider_left(page)
     _wait("the slider readout to change", lambda: readout.inner_text().strip() != readout_before, 10)
 
-    def caught_up():
-        try:
-            target = float(readout.inner_text().strip())
-            return abs(_gamma_in_table(caption.inner_text()) - target) <= 0.01 * target
-        except (AssertionError, ValueError):
-            return False
-
-    _wait("the error table to reach the slider's γ", caught_up, REDRAW_S)
+    _wait("the error table to reach the slider's γ", _caught_up(readout, caption), REDRAW_S)
     _wait("the spectrum to be redrawn", lambda: spectrum.get_attribute("src") != src_spectrum, REDRAW_S)
     time.sleep(1.5)  # (any redraw still queued by the key presses)
     gamma_after = _gamma_in_table(caption.inner_text())
