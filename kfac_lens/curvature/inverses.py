@@ -75,6 +75,58 @@ class KroneckerSumInverse:
         return (K * (1.0 / self.den).T.reshape(-1)) @ K.T
 
 
+class FactoredKroneckerSumInverse:
+    """``(A⊗B − (PPᵀ)⊗(QQᵀ))⁻¹`` by Appendix I, from the factors P (dim A × r₁) and Q (dim B × r₂).
+
+    Σ_{k|k+1} has this form (P = Ā[k,k+1] L⁻ᵀ with Ā[k+1,k+1] = L Lᵀ, Q alike), and C = PPᵀ has rank
+    ≤ r₁ (the next layer's width), often below dim A. With W = L_A⁻¹ (W A Wᵀ = I) the whitened
+    ``W C Wᵀ = (WP)(WP)ᵀ``, so the thin SVD ``WP = E₁ diag(√s₁) ·`` gives Appendix I's eigenvectors for
+    the nonzero s₁ (no eigendecomposition of the dim A × dim A matrix); on the rest s₁ = 0 and
+    ``1 − s₂s₁ᵀ = 1``. Hence, with ``K₁ = Wᵀ E₁``, ``K₂`` alike and ``R = s₂s₁ᵀ ⊘ (1 − s₂s₁ᵀ)``:
+    ``Σ⁻¹ vec(V) = vec(B⁻¹ V A⁻¹ + K₂ [(K₂ᵀ V K₁) ⊙ R] K₁ᵀ)``, or the plain Appendix I form
+    ``K₂ [(K₂ᵀ V K₁) ⊘ (1 − s₂s₁ᵀ)] K₁ᵀ`` when both E's are complete. Computed in float64 from the
+    Cholesky factors ``pd_A``, ``pd_B`` (:class:`PDFactor`), kept in ``dtype``; the condition number,
+    max/min of ``1 − s₂s₁ᵀ`` over all pairs, goes through ``check_condition`` as in
+    :class:`KroneckerSumInverse`.
+    """
+
+    def __init__(self, pd_A: PDFactor, pd_B: PDFactor, P: torch.Tensor, Q: torch.Tensor, name: str,
+                 dtype: torch.dtype):
+        sides = []
+        for pd, F in ((pd_A, P), (pd_B, Q)):
+            E, sv, _ = torch.linalg.svd(torch.linalg.solve_triangular(pd.L, F.double(), upper=False),
+                                        full_matrices=False)
+            K = torch.linalg.solve_triangular(pd.L.T, E, upper=True)  # Wᵀ E
+            sides.append((K, sv * sv, E.shape[1] == E.shape[0]))
+        (K1, s1, full1), (K2, s2, full2) = sides
+        prod = s2[:, None] * s1[None, :]
+        den = 1.0 - prod
+        self.complete = full1 and full2
+        lo, hi = float(den.min()), float(den.max())
+        if not self.complete:  # the pairs with s₁ = 0 or s₂ = 0 have 1 − s₂s₁ = 1
+            lo, hi = min(lo, 1.0), max(hi, 1.0)
+        if lo <= 0:
+            check_condition(math.inf, name, dtype, f"not positive definite: 1 − s₂s₁ᵀ of Appendix I reaches {lo:.3g}")
+        self.cond = check_condition(hi / lo, name, dtype, "max/min of 1 − s₂s₁ᵀ, Appendix I")
+        self.K1, self.K2 = K1.to(dtype), K2.to(dtype)
+        if self.complete:
+            self.den = den.to(dtype)
+        else:
+            self.A_inv, self.B_inv = pd_A.inv().to(dtype), pd_B.inv().to(dtype)
+            self.R = (prod / den).to(dtype)
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        if self.complete:
+            return self.K2 @ ((self.K2.T @ V @ self.K1) / self.den) @ self.K1.T
+        return self.B_inv @ V @ self.A_inv + self.K2 @ ((self.K2.T @ V @ self.K1) * self.R) @ self.K1.T
+
+    def dense(self) -> torch.Tensor:
+        K = kron(self.K1, self.K2)
+        if self.complete:
+            return (K * (1.0 / self.den).T.reshape(-1)) @ K.T
+        return kron(self.A_inv, self.B_inv) + (K * self.R.T.reshape(-1)) @ K.T
+
+
 class BlockDiagonalInverse(BlockOperator):
     """F̆⁻¹ with factored Tikhonov damping: ``U_k = (G_kk + γ/π I)⁻¹ V_k (Ā_kk + πγ I)⁻¹`` (Section 3.2, E.3)."""
 
@@ -130,7 +182,8 @@ class BlockTridiagonalInverse(BlockOperator):
 
     ``Ψ^Ā_k = Ā[k,k+1] Ā[k+1,k+1]⁻¹``, ``Ψ^G_k = G[k,k+1] G[k+1,k+1]⁻¹``; Λ holds the inverses of the
     conditional covariances ``Σ_{k|k+1} = Ā_kk⊗G_kk − (Ψ^Ā_k Ā[k+1,k]) ⊗ (Ψ^G_k G[k+1,k])``
-    (Appendix I solver) and ``Σ_last = Ā⊗G``. Cross factors are used undamped.
+    (Appendix I solver, :class:`FactoredKroneckerSumInverse`) and ``Σ_last = Ā⊗G``. Cross factors are used
+    undamped.
 
     ``neighbours="network"`` (default): F̂'s neighbours are layers k and k+1 of the network, so ``layers``
     must be consecutive. F̂ of such a sub-chain is the paper's F̂ of the whole network restricted to those
@@ -168,16 +221,13 @@ class BlockTridiagonalInverse(BlockOperator):
         self.G_inv = [e.inv() for e in eigG]
         self.psi_A, self.psi_G, self.sigma_inv = [], [], []
         for i, (k, l) in enumerate(zip(sel[:-1], sel[1:])):
-            pA = d.A[k, l] @ self.A_inv[i + 1]
-            pG = d.G[k, l] @ self.G_inv[i + 1]
-            self.psi_A.append(pA)
-            self.psi_G.append(pG)
-            C = pA @ d.A[k, l].T
-            D = pG @ d.G[k, l].T
+            self.psi_A.append(d.A[k, l] @ self.A_inv[i + 1])
+            self.psi_G.append(d.G[k, l] @ self.G_inv[i + 1])
+            # Σ_{k|l} = Ā_kk⊗G_kk − (Ψ^Ā Ā_lk)⊗(Ψ^G G_lk), with Ψ^Ā Ā_lk = P Pᵀ, P = Ā_kl L⁻ᵀ (Ā_ll = L Lᵀ)
+            P = torch.linalg.solve_triangular(eigA[i + 1].L, d.A[k, l].T, upper=False).T
+            Q = torch.linalg.solve_triangular(eigG[i + 1].L, d.G[k, l].T, upper=False).T
             name = f"Σ_{{{k}|{l}}}, the Schur complement of layers {k} | {l} (γ={self.gamma:g})"
-            self.sigma_inv.append(KroneckerSumInverse(d.A[k, k], d.G[k, k], 0.5 * (C + C.T), 0.5 * (D + D.T),
-                                                      sign=-1, name=name, strict=strict,
-                                                      pd_A=eigA[i], pd_B=eigG[i], dtype=dtype))
+            self.sigma_inv.append(FactoredKroneckerSumInverse(eigA[i], eigG[i], P, Q, name, dtype))
         for name in ("A_inv", "G_inv", "psi_A", "psi_G"):
             setattr(self, name, [t.to(dtype) for t in getattr(self, name)])
 
