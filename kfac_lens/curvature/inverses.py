@@ -79,52 +79,47 @@ class FactoredKroneckerSumInverse:
     """``(A⊗B − (PPᵀ)⊗(QQᵀ))⁻¹`` by Appendix I, from the factors P (dim A × r₁) and Q (dim B × r₂).
 
     Σ_{k|k+1} has this form (P = Ā[k,k+1] L⁻ᵀ with Ā[k+1,k+1] = L Lᵀ, Q alike), and C = PPᵀ has rank
-    ≤ r₁ (the next layer's width), often below dim A. With W = L_A⁻¹ (W A Wᵀ = I) the whitened
-    ``W C Wᵀ = (WP)(WP)ᵀ``, so the thin SVD ``WP = E₁ diag(√s₁) ·`` gives Appendix I's eigenvectors for
-    the nonzero s₁ (no eigendecomposition of the dim A × dim A matrix); on the rest s₁ = 0 and
-    ``1 − s₂s₁ᵀ = 1``. Hence, with ``K₁ = Wᵀ E₁``, ``K₂`` alike and ``R = s₂s₁ᵀ ⊘ (1 − s₂s₁ᵀ)``:
-    ``Σ⁻¹ vec(V) = vec(B⁻¹ V A⁻¹ + K₂ [(K₂ᵀ V K₁) ⊙ R] K₁ᵀ)``, or the plain Appendix I form
-    ``K₂ [(K₂ᵀ V K₁) ⊘ (1 − s₂s₁ᵀ)] K₁ᵀ`` when both E's are complete. Computed in float64 from the
-    Cholesky factors ``pd_A``, ``pd_B`` (:class:`PDFactor`), kept in ``dtype``; the condition number,
-    max/min of ``1 − s₂s₁ᵀ`` over all pairs, goes through ``check_condition`` as in
-    :class:`KroneckerSumInverse`.
+    ≤ r₁ (the next layer's width), often below dim A. With W = L_A⁻¹ (W A Wᵀ = I) and M = WP, the
+    whitened ``W C Wᵀ = M Mᵀ`` has Appendix I's eigenvalues s₁ (those of the smaller Gram, MᵀM or MMᵀ) and
+    is 0 on the rest, where ``1 − s₂s₁ᵀ = 1``. Hence ``Σ⁻¹ vec(V) = vec(B⁻¹ V A⁻¹ + K₂ [(K₂ᵀ V K₁) ⊙ T] K₁ᵀ)``
+    with, per side, ``K = Wᵀ M E`` and weight 1 (``MᵀM = E diag(s) Eᵀ``, r ≤ dim) or ``K = Wᵀ E`` and
+    weight s (``MMᵀ = E diag(s) Eᵀ``), and ``T = w₂w₁ᵀ ⊘ (1 − s₂s₁ᵀ)``: no eigendecomposition of a
+    dim A × dim A matrix when r₁ < dim A. Computed in float64 from the Cholesky factors ``pd_A``, ``pd_B``
+    (:class:`PDFactor`), kept in ``dtype``; the condition number, max/min of ``1 − s₂s₁ᵀ`` over all pairs,
+    goes through ``check_condition`` as in :class:`KroneckerSumInverse`.
     """
 
     def __init__(self, pd_A: PDFactor, pd_B: PDFactor, P: torch.Tensor, Q: torch.Tensor, name: str,
                  dtype: torch.dtype):
         sides = []
         for pd, F in ((pd_A, P), (pd_B, Q)):
-            E, sv, _ = torch.linalg.svd(torch.linalg.solve_triangular(pd.L, F.double(), upper=False),
-                                        full_matrices=False)
-            K = torch.linalg.solve_triangular(pd.L.T, E, upper=True)  # Wᵀ E
-            sides.append((K, sv * sv, E.shape[1] == E.shape[0]))
-        (K1, s1, full1), (K2, s2, full2) = sides
-        prod = s2[:, None] * s1[None, :]
-        den = 1.0 - prod
-        self.complete = full1 and full2
+            M = torch.linalg.solve_triangular(pd.L, F.double(), upper=False)
+            n, r = M.shape
+            if r <= n:  # W C Wᵀ = (ME)diag(s)⁰(ME)ᵀ on the range: K = Wᵀ M E, weight 1
+                s, E = torch.linalg.eigh(M.T @ M)
+                K, w = torch.linalg.solve_triangular(pd.L.T, M @ E, upper=True), torch.ones_like(s)
+            else:
+                s, E = torch.linalg.eigh(M @ M.T)
+                K, w = torch.linalg.solve_triangular(pd.L.T, E, upper=True), s
+            sides.append((K, s, w, r >= n))
+        (K1, s1, w1, full1), (K2, s2, w2, full2) = sides
+        den = 1.0 - s2[:, None] * s1[None, :]
         lo, hi = float(den.min()), float(den.max())
-        if not self.complete:  # the pairs with s₁ = 0 or s₂ = 0 have 1 − s₂s₁ = 1
+        if not (full1 and full2):  # the pairs with s₁ = 0 or s₂ = 0 have 1 − s₂s₁ = 1
             lo, hi = min(lo, 1.0), max(hi, 1.0)
         if lo <= 0:
             check_condition(math.inf, name, dtype, f"not positive definite: 1 − s₂s₁ᵀ of Appendix I reaches {lo:.3g}")
         self.cond = check_condition(hi / lo, name, dtype, "max/min of 1 − s₂s₁ᵀ, Appendix I")
         self.K1, self.K2 = K1.to(dtype), K2.to(dtype)
-        if self.complete:
-            self.den = den.to(dtype)
-        else:
-            self.A_inv, self.B_inv = pd_A.inv().to(dtype), pd_B.inv().to(dtype)
-            self.R = (prod / den).to(dtype)
+        self.A_inv, self.B_inv = pd_A.inv().to(dtype), pd_B.inv().to(dtype)
+        self.T = ((w2[:, None] * w1[None, :]) / den).to(dtype)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
-        if self.complete:
-            return self.K2 @ ((self.K2.T @ V @ self.K1) / self.den) @ self.K1.T
-        return self.B_inv @ V @ self.A_inv + self.K2 @ ((self.K2.T @ V @ self.K1) * self.R) @ self.K1.T
+        return self.B_inv @ V @ self.A_inv + self.K2 @ ((self.K2.T @ V @ self.K1) * self.T) @ self.K1.T
 
     def dense(self) -> torch.Tensor:
         K = kron(self.K1, self.K2)
-        if self.complete:
-            return (K * (1.0 / self.den).T.reshape(-1)) @ K.T
-        return kron(self.A_inv, self.B_inv) + (K * self.R.T.reshape(-1)) @ K.T
+        return kron(self.A_inv, self.B_inv) + (K * self.T.T.reshape(-1)) @ K.T
 
 
 class BlockDiagonalInverse(BlockOperator):
