@@ -135,6 +135,9 @@ class BlockDiagonalInverse(BlockOperator):
         damped = factors.damped(self.gamma, pi)
         self.factors = damped
         dtype = damped.dtype
+        # Damped (γ > 0) factors are inverted in the result's dtype (its κ limit keeps the inverse exact to
+        # two digits or more); an undamped one in float64, where its singularity is diagnosed.
+        work = dtype if self.gamma > 0 and dtype in (torch.float32, torch.float64) else torch.float64
         self.A_inv, self.G_inv = [], []
         for k in sel:
             for table, out, shift, nm in ((damped.A, self.A_inv, self.pi[k] * self.gamma, "Ā"),
@@ -152,7 +155,7 @@ class BlockDiagonalInverse(BlockOperator):
                     check_condition(cond1(0.5 * (M + M.T), inv), name, dtype, "1-norm")
                     out.append(inv.to(dtype))
                 else:
-                    out.append(PDFactor(table[k, k], name, self.gamma == 0, dtype).inv().to(dtype))
+                    out.append(PDFactor(table[k, k], name, self.gamma == 0, dtype, work).inv().to(dtype))
 
     def apply_block(self, i, V):
         return self.G_inv[i] @ V @ self.A_inv[i]

@@ -133,20 +133,22 @@ class SymmetricEig:
 
 
 class PDFactor:
-    """A damped (positive-definite) factor through its Cholesky factor ``M = L Lᵀ``, in float64.
+    """A damped (positive-definite) factor through its Cholesky factor ``M = L Lᵀ``, in float64 (or ``work``).
 
     Gives ``M⁻¹`` and the whitener ``W = L⁻¹`` (``W M Wᵀ = I``), which is all Appendix I needs, at a
     fraction of an eigendecomposition's cost. Raises :class:`SingularFactorError` when M is not
     positive definite or its condition number κ₁ (:func:`cond1`) is above ``cond_limits(dtype)[1]``, and
     warns above ``cond_limits(dtype)[0]`` (:func:`check_condition`); ``dtype`` is the one the inverse is
     kept in (default M's). With ``strict`` (γ = 0) an undamped singular factor is named as such.
+    ``work``: the dtype of the factorisation (float64 unless given; the result's own dtype suffices for an
+    inverse kept in it, since κ is refused above 1/(100·eps) of that dtype).
     """
 
     def __init__(self, M: torch.Tensor, name: str = "factor", strict: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, work: torch.dtype = torch.float64):
         if strict:
             SymmetricEig(M, name, check_singular=True)
-        M64 = M.double()
+        M64 = M.to(work)
         M64 = 0.5 * (M64 + M64.T)
         L, info = torch.linalg.cholesky_ex(M64)
         if int(info) != 0:

@@ -7,8 +7,8 @@ One iteration on a mini-batch S′ of size m:
    neighbouring cross-layer blocks), kept as an EMA with ε = min(1 − 1/k, 0.95) (Appendix D; :mod:`.passes`);
 2. candidates Γ = {γ, ω₂γ, γ/ω₂} every T₂ iterations, else {γ} (Appendix E.6);
 3. for each γ: Δ = −F̃⁻¹∇h with the approximate inverse of the factored-Tikhonov-damped F̃ (refreshed when
-   k ≡ 0 mod T₃ or k ≤ 3; Appendix G; the block-diagonal γ search runs in the factors' eigenbasis,
-   :mod:`.proposals`), by Appendix G's low-rank form for block-diagonal layers wider than the batch;
+   k ≡ 0 mod T₃ or k ≤ 3; Appendix G; one inverse per candidate, by Cholesky), by Appendix G's low-rank
+   form for block-diagonal layers wider than the batch;
 4. δ = αΔ + μδ₀ minimising M over span{Δ, δ₀} with the exact F on a τ₂·m subset S₂, from J-products of
    the gradient pass's activations (Appendices E.4, F, J; :mod:`.fisher_products`);
 5. keep the δ (and γ) with the lowest M(δ); every T₁ iterations update λ by the Levenberg–Marquardt rule
@@ -41,7 +41,7 @@ from .passes import GradientPass, checked_loss, gradient_pass, subset_statistics
 from .hyperparams import KFACHyperParameters
 from .kfac_analysis import ProposalAnalysis
 from .kfac_state import KFACCheckpoint
-from .proposals import Proposal, eigenbasis_directions, factor_eigenbases, subspace_grams
+from .proposals import Proposal, subspace_grams
 from .quadratic import SOLUTION_FIELDS, solve_subspaces
 from .schedules import ema_decay, gamma_candidates, levenberg_marquardt, resolve
 
@@ -210,15 +210,10 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
         return out
 
     def _refresh_directions(self, candidates, grad, batch, params, eta, m, pi):
-        """Δ for each γ candidate at an inverse refresh, and a function giving the live inverse of candidate c
-        (None when its damped factors cannot be inverted in the model's dtype): the block-diagonal γ search
-        in the factors' eigenbasis, in the model's dtype (no candidate forms an inverse; only the winner's is
-        built, by Cholesky), otherwise one inverse per candidate (Algorithm 2's loop over Γ), the candidates
-        that cannot be inverted left out. Returns (candidates, Δs, live inverse of c)."""
-        if self.inverse_kind == "blockdiag" and len(candidates) > 1:
-            eigs = factor_eigenbases(self.factors)
-            Deltas = eigenbasis_directions(eigs, self.factors, grad, candidates, pi)
-            return candidates, Deltas, lambda c: self._try_inverse(candidates[c], pi)
+        """Δ for each γ candidate at an inverse refresh, and a function giving the live inverse of candidate c:
+        one inverse per candidate (Algorithm 2's loop over Γ; by Cholesky, cheaper for the block-diagonal F̆
+        than one eigendecomposition of every factor shared by the candidates), the candidates that cannot be
+        inverted in the model's dtype left out (E.6). Returns (candidates, Δs, live inverse of c)."""
         built = [(g, self._try_inverse(g, pi)) for g in candidates]
         built = [(g, inv) for g, inv in built if inv is not None] or [self._raise_gamma(max(candidates), pi)]
         candidates, invs = [g for g, _ in built], [inv for _, inv in built]
