@@ -37,7 +37,7 @@ from ..options import Estimator, InverseKind, parse
 from .dropin import BatchRecorder, recorded_pass, torch_loss
 from .fisher_products import fisher_gram_from_pass, linearisation_plan
 from .general import check_inverse_uses, kfac_view, output_nll
-from .passes import GradientPass, checked_loss, gradient_pass, subset_statistics
+from .passes import GradientPass, can_reuse_pass, checked_loss, gradient_pass, pass_statistics, subset_statistics
 from .hyperparams import KFACHyperParameters
 from .kfac_analysis import ProposalAnalysis
 from .kfac_state import KFACCheckpoint
@@ -396,9 +396,8 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
         pairs = INVERSE_PAIRS[self.inverse_kind]
 
         def run_pass(S1):
-            return (gradient_pass(self.view, self.likelihood, x, y, self.layers),
-                    subset_statistics(self.view, self.likelihood, x[S1], self.layers, self.curvature_estimator,
-                                      self.generator, pairs))
+            batch = gradient_pass(self.view, self.likelihood, x, y, self.layers)
+            return batch, self._statistics(batch, S1, pairs)
 
         with self._own_passes():
             return self._iterate(x, y, run_pass, t0)
@@ -420,11 +419,19 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
             batch = recorded_pass(self.recorder, self.likelihood)
             pairs = INVERSE_PAIRS[self.inverse_kind]
 
-            def run_pass(S1):  # the gradient is the user's; S₁ gets a forward pass of its own
-                return batch, subset_statistics(self.view, self.likelihood, batch.x[S1], self.layers,
-                                                self.curvature_estimator, self.generator, pairs)
+            def run_pass(S1):  # the gradient is the user's
+                return batch, self._statistics(batch, S1, pairs)
 
             return self._iterate(batch.x, batch.y, run_pass, t0)
+
+    def _statistics(self, batch: GradientPass, S1: torch.Tensor, pairs: str) -> KroneckerFactors:
+        """New factor statistics on S₁ (Appendix D): from the pass's stored ā_k and z where the chain allows
+        (only the backward pass with sampled targets is run), else with a forward pass on S₁ of their own."""
+        if can_reuse_pass(self.view, batch, self._plan):
+            return pass_statistics(self.view, self.likelihood, batch, S1, self.layers, self.curvature_estimator,
+                                   self.generator, pairs, self._plan)
+        return subset_statistics(self.view, self.likelihood, batch.x[S1], self.layers, self.curvature_estimator,
+                                 self.generator, pairs)
 
     def _own_passes(self):
         """The optimizer's own passes through the model are not the user's batch (drop-in recording)."""

@@ -63,6 +63,35 @@ def subset_statistics(view: NetworkView, likelihood: Likelihood, x1: torch.Tenso
     return factors_from_captures([Capture(a=a, g=g, weight=w, z=z.detach())], view, layers, pairs, estimator)
 
 
+def pass_statistics(view: NetworkView, likelihood: Likelihood, batch: GradientPass, S1: torch.Tensor,
+                    layers: Sequence[int], estimator: str, generator, pairs: str, plan: list) -> KroneckerFactors:
+    """:func:`subset_statistics` of the cases S₁ of ``batch`` from its stored ā_k and z (a forward pass on
+    S₁ would recompute them at the same θ): only the backward pass with sampled targets (Appendix D) is
+    run, by hand through the chain, ``g_k = (g_{k+1} W_{k+1}) ⊙ φ'(s_k)`` with φ' read off the next layer's
+    input (``plan``: :func:`~kfac_lens.optim.fisher_products.linearisation_plan`, not None)."""
+    z = batch.z[S1]
+    V, w = output_directions(likelihood, z, estimator, None, 1, generator)
+    a = {}
+    for L in view.layers:
+        rows = batch.a[L.index][S1]
+        a[L.index] = rows if rows.shape[1] == L.a_dim else torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
+    g, d, last = {}, V.to(z.dtype), len(view.layers) - 1
+    for L in reversed(view.layers):
+        k = L.index
+        if plan[k] is not None:  # φ'(s_k) from φ(s_k): z or the next layer's input
+            d = d * plan[k](z if k == last else a[k + 1][:, :view.layers[k + 1].d_in])
+        g[k] = d
+        if k > 0:
+            d = d @ L.module.weight.detach()
+    return factors_from_captures([Capture(a=a, g=g, weight=w, z=z)], view, layers, pairs, estimator)
+
+
+def can_reuse_pass(view: NetworkView, batch: GradientPass, plan: list | None) -> bool:
+    """Whether :func:`pass_statistics` applies: a chain of Linear layers with a linearisation plan, whose
+    pass kept every layer's ā (one row per case) and z."""
+    return plan is not None and all(L.index in batch.a and batch.a[L.index].ndim == 2 for L in view.layers)
+
+
 def gradient_pass(view: NetworkView, likelihood: Likelihood, x: torch.Tensor, y: torch.Tensor,
                   layers: Sequence[int]) -> GradientPass:
     """The forward/backward pass on (x, y): h_data, ∇h_data = Σ_cases g ā_kᵀ, and the per-case ā_k, g_k, z.
