@@ -95,9 +95,10 @@ class FactoredKroneckerSumInverse:
         for pd, F in ((pd_A, P), (pd_B, Q)):
             M = torch.linalg.solve_triangular(pd.L, F.double(), upper=False)
             n, r = M.shape
-            if r <= n:  # W C Wᵀ = (ME)diag(s)⁰(ME)ᵀ on the range: K = Wᵀ M E, weight 1
+            if r <= n:  # on the range of W C Wᵀ: K = Wᵀ M E = A⁻¹ P E, weight 1
                 s, E = torch.linalg.eigh(M.T @ M)
-                K, w = torch.linalg.solve_triangular(pd.L.T, M @ E, upper=True), torch.ones_like(s)
+                inv = pd.inv()
+                K, w = inv @ (F.to(inv.dtype) @ E.to(inv.dtype)), torch.ones_like(s)
             else:
                 s, E = torch.linalg.eigh(M @ M.T)
                 K, w = torch.linalg.solve_triangular(pd.L.T, E, upper=True), s
@@ -206,21 +207,25 @@ class BlockTridiagonalInverse(BlockOperator):
         self.pi = {k: factors.pi(k, pi) for k in sel}
         d = factors.damped(self.gamma, pi)
         self.factors = d
-        # Work in float64 whatever the factors' dtype (the Schur complements lose definiteness in float32
-        # at small γ), then keep the results in the factors' dtype.
-        dtype = d.dtype
+        # The Cholesky factors, whitening and Appendix I eigenproblem in float64 whatever the factors' dtype
+        # (the Schur complements lose definiteness in float32 at small γ); the factors' own inverses and Ψ
+        # (γ > 0) in the factors' dtype, in which all results are kept.
+        dtype, low = d.dtype, d
         d = d.to(torch.float64)
         strict = self.gamma == 0
-        eigA = [PDFactor(d.A[k, k], f"Ā[{k},{k}] of layer {k} (damped, γ={self.gamma:g})", strict, dtype)
-                for k in sel]
-        eigG = [PDFactor(d.G[k, k], f"G[{k},{k}] of layer {k} (damped, γ={self.gamma:g})", strict, dtype)
-                for k in sel]
+        inv_dtype = dtype if self.gamma > 0 and dtype in (torch.float32, torch.float64) else torch.float64
+        if inv_dtype != dtype:
+            low = d
+        eigA = [PDFactor(d.A[k, k], f"Ā[{k},{k}] of layer {k} (damped, γ={self.gamma:g})", strict, dtype,
+                         inv_dtype=inv_dtype) for k in sel]
+        eigG = [PDFactor(d.G[k, k], f"G[{k},{k}] of layer {k} (damped, γ={self.gamma:g})", strict, dtype,
+                         inv_dtype=inv_dtype) for k in sel]
         self.A_inv = [e.inv() for e in eigA]
         self.G_inv = [e.inv() for e in eigG]
         self.psi_A, self.psi_G, self.sigma_inv = [], [], []
         for i, (k, l) in enumerate(zip(sel[:-1], sel[1:])):
-            self.psi_A.append(d.A[k, l] @ self.A_inv[i + 1])
-            self.psi_G.append(d.G[k, l] @ self.G_inv[i + 1])
+            self.psi_A.append(low.A[k, l] @ self.A_inv[i + 1])
+            self.psi_G.append(low.G[k, l] @ self.G_inv[i + 1])
             # Σ_{k|l} = Ā_kk⊗G_kk − (Ψ^Ā Ā_lk)⊗(Ψ^G G_lk), with Ψ^Ā Ā_lk = P Pᵀ, P = Ā_kl L⁻ᵀ (Ā_ll = L Lᵀ)
             P = torch.linalg.solve_triangular(eigA[i + 1].L, d.A[k, l].T, upper=False).T
             Q = torch.linalg.solve_triangular(eigG[i + 1].L, d.G[k, l].T, upper=False).T

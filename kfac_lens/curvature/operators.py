@@ -141,11 +141,13 @@ class PDFactor:
     warns above ``cond_limits(dtype)[0]`` (:func:`check_condition`); ``dtype`` is the one the inverse is
     kept in (default M's). With ``strict`` (γ = 0) an undamped singular factor is named as such.
     ``work``: the dtype of the factorisation (float64 unless given; the result's own dtype suffices for an
-    inverse kept in it, since κ is refused above 1/(100·eps) of that dtype).
+    inverse kept in it, since κ is refused above 1/(100·eps) of that dtype); ``inv_dtype`` (default
+    ``work``): the dtype M⁻¹ is formed in from L (the whitener keeps ``work``).
     """
 
     def __init__(self, M: torch.Tensor, name: str = "factor", strict: bool = False,
-                 dtype: torch.dtype | None = None, work: torch.dtype = torch.float64):
+                 dtype: torch.dtype | None = None, work: torch.dtype = torch.float64,
+                 inv_dtype: torch.dtype | None = None):
         if strict:
             SymmetricEig(M, name, check_singular=True)
         M64 = M.to(work)
@@ -155,8 +157,9 @@ class PDFactor:
             check_condition(math.inf, name, dtype or M.dtype, f"not positive definite: Cholesky fails at column "
                                                               f"{int(info)}")
         self.L = L
-        self._inv = torch.cholesky_inverse(L)
-        self.cond = check_condition(cond1(M64, self._inv), name, dtype or M.dtype, "1-norm")
+        inv_dtype = inv_dtype or work
+        self._inv = torch.cholesky_inverse(L.to(inv_dtype))
+        self.cond = check_condition(cond1(M64.to(inv_dtype), self._inv), name, dtype or M.dtype, "1-norm")
 
     def inv(self) -> torch.Tensor:
         return self._inv
