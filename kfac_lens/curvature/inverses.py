@@ -116,7 +116,8 @@ class FactoredKroneckerSumInverse:
         self.T = ((w2[:, None] * w1[None, :]) / den).to(dtype)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
-        return self.B_inv @ V @ self.A_inv + self.K2 @ ((self.K2.T @ V @ self.K1) * self.T) @ self.K1.T
+        dot = torch.linalg.multi_dot  # (the cheapest order of each chain)
+        return self.B_inv @ V @ self.A_inv + dot([self.K2, dot([self.K2.T, V, self.K1]) * self.T, self.K1.T])
 
     def dense(self) -> torch.Tensor:
         K = kron(self.K1, self.K2)
@@ -236,11 +237,13 @@ class BlockTridiagonalInverse(BlockOperator):
 
     # u = Ξ v :  U_i = V_i − Ψ^G_i V_{i+1} Ψ^Āᵀ_i
     def _xi(self, V):
-        return [V[i] - self.psi_G[i] @ V[i + 1] @ self.psi_A[i].T for i in range(len(V) - 1)] + [V[-1]]
+        dot = torch.linalg.multi_dot  # (the cheapest order of each chain)
+        return [V[i] - dot([self.psi_G[i], V[i + 1], self.psi_A[i].T]) for i in range(len(V) - 1)] + [V[-1]]
 
     # u = Ξᵀ v : U_i = V_i − Ψ^Gᵀ_{i−1} V_{i−1} Ψ^Ā_{i−1}
     def _xi_t(self, V):
-        return [V[0]] + [V[i] - self.psi_G[i - 1].T @ V[i - 1] @ self.psi_A[i - 1] for i in range(1, len(V))]
+        dot = torch.linalg.multi_dot
+        return [V[0]] + [V[i] - dot([self.psi_G[i - 1].T, V[i - 1], self.psi_A[i - 1]]) for i in range(1, len(V))]
 
     def _lambda(self, V):
         out = [self.sigma_inv[i].apply(V[i]) for i in range(len(V) - 1)]
