@@ -27,6 +27,13 @@ from .operators import BlockOperator, PDFactor, SymmetricEig, check_condition, c
 NEIGHBOURS = ("network", "selected")
 
 
+def chain(L: torch.Tensor, V: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``L V R`` multiplied in the cheaper order (V may carry leading batch dimensions): with a wide first
+    or last layer, left to right can cost 40% more."""
+    m, (p, q), r = L.shape[0], V.shape[-2:], R.shape[-1]
+    return (L @ V) @ R if m * q * (p + r) <= p * r * (q + m) else L @ (V @ R)
+
+
 class KroneckerSumInverse:
     """``(A⊗B ± C⊗D)⁻¹`` via Appendix I, for A, B positive definite and C, D PSD.
 
@@ -116,8 +123,7 @@ class FactoredKroneckerSumInverse:
         self.T = ((w2[:, None] * w1[None, :]) / den).to(dtype)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
-        dot = torch.linalg.multi_dot  # (the cheapest order of each chain)
-        return self.B_inv @ V @ self.A_inv + dot([self.K2, dot([self.K2.T, V, self.K1]) * self.T, self.K1.T])
+        return self.B_inv @ V @ self.A_inv + chain(self.K2, chain(self.K2.T, V, self.K1) * self.T, self.K1.T)
 
     def dense(self) -> torch.Tensor:
         K = kron(self.K1, self.K2)
@@ -237,13 +243,11 @@ class BlockTridiagonalInverse(BlockOperator):
 
     # u = Ξ v :  U_i = V_i − Ψ^G_i V_{i+1} Ψ^Āᵀ_i
     def _xi(self, V):
-        dot = torch.linalg.multi_dot  # (the cheapest order of each chain)
-        return [V[i] - dot([self.psi_G[i], V[i + 1], self.psi_A[i].T]) for i in range(len(V) - 1)] + [V[-1]]
+        return [V[i] - chain(self.psi_G[i], V[i + 1], self.psi_A[i].T) for i in range(len(V) - 1)] + [V[-1]]
 
     # u = Ξᵀ v : U_i = V_i − Ψ^Gᵀ_{i−1} V_{i−1} Ψ^Ā_{i−1}
     def _xi_t(self, V):
-        dot = torch.linalg.multi_dot
-        return [V[0]] + [V[i] - dot([self.psi_G[i - 1].T, V[i - 1], self.psi_A[i - 1]]) for i in range(1, len(V))]
+        return [V[0]] + [V[i] - chain(self.psi_G[i - 1].T, V[i - 1], self.psi_A[i - 1]) for i in range(1, len(V))]
 
     def _lambda(self, V):
         out = [self.sigma_inv[i].apply(V[i]) for i in range(len(V) - 1)]
