@@ -6,8 +6,8 @@ elementwise activations (Sigmoid, Tanh, ReLU, Identity) φ' is read off the next
 module between the layers, and any network that is not a chain of Linear layers (convolutions, skip
 connections, tied or sequence layers: docs/math.md §1), falls back to :func:`kfac_lens.jacobian_products`,
 which runs the primal pass (forward-mode products through the whole module).
-All tangents share one pass (batched), and everything runs in the model's dtype; the Gram sums are
-accumulated in float64.
+All tangents share one pass (batched), and everything runs in the model's dtype; the Gram's sum over the
+cases is accumulated in float64.
 """
 
 from __future__ import annotations
@@ -96,5 +96,8 @@ def fisher_gram_from_pass(view: NetworkView, likelihood: Likelihood, batch: Grad
     z, Jv = jacobian_vector_products(view, batch, cases, vectors, plan)
     T, n = Jv.shape[0], Jv.shape[1]
     FJ = torch.stack([output_fisher_vp(likelihood, z, Jv[t]) for t in range(T)])
-    G = (Jv.reshape(T, -1).double() @ FJ.reshape(T, -1).double().T) / n
+    # each case's (Jvᵢ)ᵀF_R(Jvⱼ) in the model's dtype, their sum over the cases in float64 (converting the
+    # T·n·C products to float64 first would cost more than the whole Gram)
+    per_case = torch.bmm(Jv.reshape(T, n, -1).transpose(0, 1), FJ.reshape(T, n, -1).permute(1, 2, 0))
+    G = per_case.double().sum(0) / n
     return torch.triu(G) + torch.triu(G, 1).T  # symmetric by construction
