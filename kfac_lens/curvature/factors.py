@@ -251,7 +251,9 @@ def factors_from_captures(captures: Iterable[Capture], view: NetworkView, layers
                 a_kl = ak.T @ al
                 if uk > 1:
                     a_kl /= uk
-                g_kl = (gk.T @ gl) * cap.weight
+                g_kl = gk.T @ gl
+                if cap.weight != 1.0:  # (one sampled target: w = 1, and no pass over the block)
+                    g_kl = g_kl * cap.weight
                 A[(k, l)] = a_kl if (k, l) not in A else A[(k, l)] + a_kl
                 G[(k, l)] = g_kl if (k, l) not in G else G[(k, l)] + g_kl
         return n
