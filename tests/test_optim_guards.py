@@ -344,8 +344,7 @@ def float32_threshold(net, X, lo=1e-8, hi=1e3) -> float:
 
 
 def test_gamma_search_leaves_out_candidates_float32_cannot_invert():
-    """(Block-tridiagonal: it builds every candidate's inverse; the block-diagonal search builds only the
-    winner's, and falls back to the next best one the same way.)"""
+    """(Block-tridiagonal; the block-diagonal search builds every candidate's inverse the same way.)"""
     inverse = "tridiag"
     net, X, y = ill_conditioned_float32_problem()
     omega2 = 0.5

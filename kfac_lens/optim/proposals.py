@@ -1,10 +1,12 @@
 """The update proposals of one iteration: Δ for each γ candidate and the pieces of M over span{Δ, δ₀}
 (Section 3.2, Appendices E.3, E.4, E.6, F, J).
 
-- :func:`eigenbasis_directions`: the γ search of the block-diagonal inverse (E.6) in the factors'
+- :func:`eigenbasis_directions`: Δ_γ of the block-diagonal inverse for many γ (E.6) in the factors'
   eigenbasis. With ``Ā = E_A diag(a) E_Aᵀ`` and ``G = E_G diag(g) E_Gᵀ`` the factored-Tikhonov-damped
   block inverse (E.3) applied to ∇h is ``E_G [(E_Gᵀ ∇h E_A) ⊘ ((g + γ/π)(a + πγ)ᵀ)] E_Aᵀ``, so every
-  candidate shares one rotated gradient and none forms an inverse.
+  candidate shares one rotated gradient and none forms an inverse. (The optimizer's search has only three
+  candidates and keeps the winner's inverse, so it builds one inverse per candidate by Cholesky, which
+  costs less than the eigendecompositions.)
 - :func:`subspace_grams`: for K candidates, the λ-independent Gram matrices of M on span{Δ_c, δ₀} from one
   J-product pass over all tangents (δ₀'s product computed once per search).
 """
