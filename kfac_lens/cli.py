@@ -40,10 +40,11 @@ def run_figures(args) -> int:
     from . import figures as F
     from . import zoo
     from .data import DataUnavailableError
-    from .memory import release_free_memory
+    from .memory import release_free_memory, return_large_blocks_to_os
     from .study import CurvatureStudy
 
     t_start = time.perf_counter()
+    return_large_blocks_to_os()  # the job's peak memory is what is live, not the heap's fragments
     if args.quiet:
         os.environ["KFAC_LENS_QUIET"] = "1"  # also silences the library's automatic progress bars
     device = _device(args.device)

@@ -51,3 +51,16 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def return_large_blocks_to_os(threshold: int = 256 * 1024) -> None:
+    """Serve every allocation of ``threshold`` bytes or more by its own mapping, returned to the OS when freed
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere). glibc otherwise raises the threshold after the
+    first large free, and a job that allocates and frees many large tensors (Figure 7's γ sweep) then grows
+    its heap with fragments it never gives back."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+

@@ -111,6 +111,10 @@ def test_gram_from_the_gradient_pass_equals_fisher_gram(family, activations):
     raw = GradientPass(X, y, batch.loss, batch.data_grad, inputs, None, batch.z)
     assert rel(fisher_gram_from_pass(view, lik, raw, S2, vecs, plan), ref) < 1e-12
     assert rel(fisher_gram_from_pass(view, lik, raw, None, vecs, plan), K.fisher_gram(net, X, family, vecs)) < 1e-12
+    # in chunks of cases (many cases: the tangents of one chunk at a time), all cases or a subset
+    assert rel(fisher_gram_from_pass(view, lik, batch, None, vecs, plan, chunk_size=6),
+               K.fisher_gram(net, X, family, vecs)) < 1e-12
+    assert rel(fisher_gram_from_pass(view, lik, batch, S2, vecs, plan, chunk_size=3), ref) < 1e-12
 
 
 def test_eigenbasis_gamma_search_equals_the_block_diagonal_inverses():
@@ -169,3 +173,16 @@ def test_forward_records_what_the_fast_products_need():
     z, a, s = forward(view, X, [0, 1, 2], track=False)
     assert torch.equal(a[1][:, :view.layers[1].d_in], torch.sigmoid(s[0]))
     assert linearisation_plan(view)[0] is not None and linearisation_plan(view)[2] is None
+
+
+def test_objective_in_chunks_of_cases_equals_one_pass(monkeypatch):
+    """h(θ) on many cases (Figure 7's analysis) is evaluated chunk by chunk: the same value."""
+    import kfac_lens.optim.kfac as kfac_module
+
+    net = net_with([nn.Tanh, nn.Sigmoid])
+    X, _ = data()
+    y = torch.randint(0, 4, (40,))
+    opt = K.KFAC(net, "categorical", eta=1e-3)
+    whole = opt._objective(X, y, 1e-3)
+    monkeypatch.setattr(kfac_module, "OBJECTIVE_CHUNK", 7)
+    assert opt._objective(X, y, 1e-3) == pytest.approx(whole, rel=1e-13)

@@ -22,6 +22,8 @@ from ..likelihoods import Likelihood
 from ..nets import NetworkView
 from .passes import GradientPass
 
+GRAM_CHUNK = 2048  # cases per J-product pass in fisher_gram_from_pass
+
 # φ'(s) as a function of φ(s), for the activations whose derivative the output determines.
 DERIVATIVE_FROM_OUTPUT: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
     nn.Sigmoid: lambda out: out * (1 - out),
@@ -91,13 +93,27 @@ def jacobian_vector_products(view: NetworkView, batch: GradientPass, cases: torc
 
 def fisher_gram_from_pass(view: NetworkView, likelihood: Likelihood, batch: GradientPass,
                           cases: torch.Tensor | None, vectors: Sequence[Sequence[torch.Tensor]],
-                          plan: list | None) -> torch.Tensor:
-    """``[vᵢᵀ F vⱼ]`` (float64, T×T) of the exact Fisher on the given cases: ``(Jvᵢ)ᵀ F_R (Jvⱼ)`` averaged."""
-    z, Jv = jacobian_vector_products(view, batch, cases, vectors, plan)
-    T, n = Jv.shape[0], Jv.shape[1]
-    FJ = torch.stack([output_fisher_vp(likelihood, z, Jv[t]) for t in range(T)])
-    # each case's (Jvᵢ)ᵀF_R(Jvⱼ) in the model's dtype, their sum over the cases in float64 (converting the
-    # T·n·C products to float64 first would cost more than the whole Gram)
-    per_case = torch.bmm(Jv.reshape(T, n, -1).transpose(0, 1), FJ.reshape(T, n, -1).permute(1, 2, 0))
-    G = per_case.double().sum(0) / n
+                          plan: list | None, chunk_size: int = GRAM_CHUNK) -> torch.Tensor:
+    """``[vᵢᵀ F vⱼ]`` (float64, T×T) of the exact Fisher on the given cases: ``(Jvᵢ)ᵀ F_R (Jvⱼ)`` averaged.
+
+    The cases go through in chunks of ``chunk_size`` (the tangents of all T vectors are held for one chunk at
+    a time; a mini-batch's S₂ is one chunk)."""
+    n_all = batch.x.shape[0] if cases is None else cases.numel()
+    if n_all <= chunk_size:
+        parts = [cases]
+    else:
+        every = torch.arange(n_all, device=batch.x.device) if cases is None else cases
+        parts = list(every.split(chunk_size))
+    total = None
+    for part in parts:
+        z, Jv = jacobian_vector_products(view, batch, part, vectors, plan)
+        T, n = Jv.shape[0], Jv.shape[1]
+        FJ = torch.stack([output_fisher_vp(likelihood, z, Jv[t]) for t in range(T)])
+        # each case's (Jvᵢ)ᵀF_R(Jvⱼ) in the model's dtype, their sum over the cases in float64 (converting the
+        # T·n·C products to float64 first would cost more than the whole Gram)
+        per_case = torch.bmm(Jv.reshape(T, n, -1).transpose(0, 1), FJ.reshape(T, n, -1).permute(1, 2, 0))
+        chunk_sum = per_case.double().sum(0)
+        total = chunk_sum if total is None else total + chunk_sum
+        del z, Jv, FJ, per_case
+    G = total / n_all
     return torch.triu(G) + torch.triu(G, 1).T  # symmetric by construction

@@ -45,6 +45,7 @@ from .proposals import Proposal, subspace_grams
 from .quadratic import SOLUTION_FIELDS, solve_subspaces
 from .schedules import ema_decay, gamma_candidates, levenberg_marquardt, resolve
 
+OBJECTIVE_CHUNK = 4096  # cases per forward pass when h(θ) is evaluated on more (Figure 7's analysis)
 INVERSE_PAIRS = {"blockdiag": "diag", "tridiag": "tridiag"}
 
 
@@ -166,8 +167,13 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
     def _objective(self, x, y, eta) -> float:
         """h(θ) = mean NLL + (η/2)‖θ‖² on (x, y) (the NLL over every rank's cases when distributed)."""
         with torch.no_grad():
-            h = output_nll(self.likelihood, self.model(x), y).double()
-            self.shards.mean_([h], x.shape[0])
+            n = x.shape[0]
+            if n <= OBJECTIVE_CHUNK:
+                h = output_nll(self.likelihood, self.model(x), y).double()
+            else:  # (an analysis on many cases: the outputs of one chunk at a time)
+                h = sum(output_nll(self.likelihood, self.model(xc), yc).double() * xc.shape[0]
+                        for xc, yc in zip(x.split(OBJECTIVE_CHUNK), y.split(OBJECTIVE_CHUNK))) / n
+            self.shards.mean_([h], n)
             if eta:
                 h = h + 0.5 * eta * sum((p * p).sum() for p in self.param_groups[0]["params"]).double()
         return float(h)
