@@ -6,6 +6,8 @@ Their numbers are reported, never asserted in tests. Run them as ``kfac-lens ben
 - ``fisher`` (:mod:`~kfac_lens.bench.fisher`): the dense exact Fisher against a per-case Jacobian
   baseline and one GEMM;
 - ``optimizer`` (:mod:`~kfac_lens.bench.optimizer`): K-FAC against tuned SGD-Nesterov and Adam;
+- ``cnn`` (:mod:`~kfac_lens.bench.cnn`): K-FAC against tuned SGD-Nesterov and Adam on notebook 05's CNN at
+  equal optimizer CPU time;
 - ``explorer`` (:mod:`~kfac_lens.bench.explorer`): one γ move of the DampingExplorer against 0.3 s;
 - ``memory`` (:mod:`~kfac_lens.bench.memory`): the peak RSS of ``kfac-lens figures`` against 1.5 GB;
 - ``distributed`` (:mod:`~kfac_lens.bench.distributed`): the exact Fisher and data-parallel K-FAC on 1 and 2
@@ -28,7 +30,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from . import distributed, explorer, fisher, memory, optimizer, quality
+from . import cnn, distributed, explorer, fisher, memory, optimizer, quality
+from .cnn import cnn_benchmark
 from .distributed import distributed_benchmark
 from .explorer import explorer_benchmark
 from .fisher import M_BASE, M_GEMM, M_OURS, fisher_benchmark
@@ -39,13 +42,13 @@ from .quality import quality_benchmark
 
 __all__ = [
     "ADAM_LRS", "BENCHMARKS", "KFAC_LAMBDAS", "M_BASE", "M_GEMM", "M_OURS", "SGD_LRS", "Benchmark",
-    "build_parser", "distributed_benchmark", "explorer_benchmark", "fisher_benchmark", "main", "memory_benchmark",
+    "build_parser", "cnn_benchmark", "distributed_benchmark", "explorer_benchmark", "fisher_benchmark", "main", "memory_benchmark",
     "optimizer_benchmark", "quality_benchmark", "run",
 ]
 
 #: Every benchmark of ``kfac-lens bench``, by name.
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    fisher.BENCHMARK, optimizer.BENCHMARK, explorer.BENCHMARK, memory.BENCHMARK, distributed.BENCHMARK,
+    fisher.BENCHMARK, optimizer.BENCHMARK, cnn.BENCHMARK, explorer.BENCHMARK, memory.BENCHMARK, distributed.BENCHMARK,
     quality.BENCHMARK)}
 
 PROG = "python -m kfac_lens.bench"
