@@ -195,7 +195,7 @@ def tune_method(method: str, problem: Problem, seconds: float, seeds: Sequence[i
     return hp, searches
 
 
-def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 8.0, data: str = "mnist16", device="cpu",
+def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mnist16", device="cpu",
                   seeds: Sequence[int] = DEFAULT_SEEDS, tune_seeds: Sequence[int] | None = None,
                   methods: Sequence[str] = METHODS, eval_cases: int | None = 10000, evals: int = 30,
                   max_extensions: int = 2, tunings: dict[str, Tuning] | None = None,
@@ -280,7 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None, metavar="S",
                         help="optimizer CPU seconds per method and seed (default 30; --quick: 0.4)")
     parser.add_argument("--tune", type=float, default=None, metavar="S",
-                        help="seconds per tuning candidate (default 8; --quick: 0.1)")
+                        help="seconds per tuning candidate (default 10; --quick: 0.1)")
     parser.add_argument("--data", choices=("mnist16", "digits"), default=None,
                         help="default mnist16 (--quick: digits)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
@@ -293,7 +293,7 @@ def run_from_args(args: argparse.Namespace) -> pd.DataFrame:
     if args.threads not in (None, 1):
         raise ValueError("cnn times optimizer CPU time on one torch thread; --threads must be 1 or left out.")
     return cnn_benchmark(budget_s=args.budget or (0.4 if args.quick else 30.0),
-                         tune_s=args.tune or (0.1 if args.quick else 8.0),
+                         tune_s=args.tune or (0.1 if args.quick else 10.0),
                          data=args.data or ("digits" if args.quick else "mnist16"), device=args.device,
                          seeds=args.seeds or [args.seed + i for i in range(len(DEFAULT_SEEDS))],
                          methods=args.methods or METHODS, evals=8 if args.quick else 30,
