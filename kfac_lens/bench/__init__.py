@@ -42,8 +42,8 @@ from .quality import quality_benchmark
 
 __all__ = [
     "ADAM_LRS", "BENCHMARKS", "KFAC_LAMBDAS", "M_BASE", "M_GEMM", "M_OURS", "SGD_LRS", "Benchmark",
-    "build_parser", "cnn_benchmark", "distributed_benchmark", "explorer_benchmark", "fisher_benchmark", "main", "memory_benchmark",
-    "optimizer_benchmark", "quality_benchmark", "run",
+    "build_parser", "cnn_benchmark", "distributed_benchmark", "explorer_benchmark", "fisher_benchmark", "main",
+    "memory_benchmark", "optimizer_benchmark", "quality_benchmark", "run",
 ]
 
 #: Every benchmark of ``kfac-lens bench``, by name.

@@ -238,7 +238,7 @@ def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mni
         "time = optimizer CPU time: torch.set_num_threads(1) and time.process_time() around each step (the "
         "process's CPU time, robust to other jobs on a shared machine); evaluation and batch sampling excluded; "
         f"error recorded every {budget_s / evals:.3g} s.",
-        f"K-FAC: block-diagonal inverse, KFC factors for the convolutions, paper defaults otherwise (T1 = 5, "
+        "K-FAC: block-diagonal inverse, KFC factors for the convolutions, paper defaults otherwise (T1 = 5, "
         "τ1 = 1/8, τ2 = 1/4, momentum, γ₀ = √(λ₀+η)), T2 = T3. SGD-Nesterov: constant momentum 0.9. All: η = 1e-5.",
         f"tuning on seed(s) {tune_seeds}, {tune_s:g} s per candidate, grids in order, each with the best values "
         "before it (late training error: the mean of the readings at 1/2, 3/4 and all of it; an edge best widens the "
