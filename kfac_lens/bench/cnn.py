@@ -248,6 +248,9 @@ def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mni
         "tuning errors: " + "; ".join(f"{r['method']} {r['keyword']}={r['value']:.3g}: {r['error']:.4f}" for r in log),
         f"target = SGD-Nesterov's median final training error {target:.4f}; 's to SGD's error' = optimizer time to "
         f"reach it ('—': not within {budget_s:g} s).",
+        "per seed, paired (the same seed's SGD-Nesterov run), the other methods' train error minus SGD-Nesterov's "
+        "at " + ", ".join(f"{t:g}" for t in checkpoints) + " s: " + "; ".join(_paired(runs, m, cols[:3], seeds)
+                                                                         for m in methods if m != "SGD-Nesterov"),
         f"whole benchmark: {wall / 60:.1f} min wall clock | device={dev} | 1-min load average before/after: "
         f"{_load(load_before)}/{_load(load_average())}",
     ]
@@ -258,6 +261,16 @@ def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mni
     if verbose:
         print(format_table(display_table(df, spread_cols), title, notes), flush=True)
     return df
+
+
+def _paired(runs: pd.DataFrame, method: str, cols: Sequence[str], seeds: Sequence[int]) -> str:
+    r = runs.set_index(["method", "seed"])
+    per_t = []
+    for c in cols:
+        d = [float(r.loc[(method, s), c] - r.loc[("SGD-Nesterov", s), c]) for s in seeds]
+        below = sum(v < 0 for v in d)
+        per_t.append("[" + ", ".join(f"{100 * v:+.2f}" for v in d) + f"] pp (below on {below}/{len(d)})")
+    return f"{method} " + " | ".join(per_t)
 
 
 def _settings(hp: dict) -> str:
@@ -285,6 +298,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default mnist16 (--quick: digits)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="seeds of the main runs (default: --seed and the next two); tuned on the first")
+    parser.add_argument("--tune-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="seeds the grids are scored on (median; default the first of --seeds)")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
                         help=f"methods to run (default all: {', '.join(METHODS)}; SGD-Nesterov is required)")
 
@@ -296,6 +311,7 @@ def run_from_args(args: argparse.Namespace) -> pd.DataFrame:
                          tune_s=args.tune or (0.1 if args.quick else 10.0),
                          data=args.data or ("digits" if args.quick else "mnist16"), device=args.device,
                          seeds=args.seeds or [args.seed + i for i in range(len(DEFAULT_SEEDS))],
+                         tune_seeds=args.tune_seeds,
                          methods=args.methods or METHODS, evals=8 if args.quick else 30,
                          verbose=not args.no_print)
 
