@@ -7,10 +7,10 @@ has ``damped(gamma)`` and, where it is cheap, ``inverse()``. Damping: the Kronec
 factored Tikhonov (Appendix E.3) exactly as the inverse operators do; the others add ``γ² I`` (the
 isotropic part of factored Tikhonov, see :func:`~kfac_lens.curvature.quality.compare_approximations`).
 
-The EK-FAC scaling, diag(F) and F_kk come from the capture with the exact expectation over y (the
-square-root directions r of F_R, weight w): for layer k, ``F_kk = (w/N) Σ_n Σ_r vec(g_r āᵀ) vec(g_r āᵀ)ᵀ``,
-``diag = (w/N) Σ_n (Σ_r g_r²)(ā²)ᵀ`` and, in the eigenbases Q_A, Q_G of Ā_kk, G_kk,
-``S = (w/N) Σ_n (Σ_r (Q_Gᵀ g_r)²)((Q_Aᵀ ā)²)ᵀ`` — never forming F.
+The EK-FAC scaling, diag(F) and F_kk are exact over y: by :mod:`.output_fisher` for a Linear chain, else
+from the capture (square-root directions r of F_R, weight w): for layer k,
+``F_kk = (w/N) Σ_n Σ_r vec(g_r āᵀ) vec(g_r āᵀ)ᵀ``, ``diag = (w/N) Σ_n (Σ_r g_r²)(ā²)ᵀ`` and, in the
+eigenbases Q_A, Q_G of Ā_kk, G_kk, ``S = (w/N) Σ_n (Σ_r (Q_Gᵀ g_r)²)((Q_Aᵀ ā)²)ᵀ`` — never forming F.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from ..nets import mats_to_vec, vec_to_mats
 from .blocks import kron
 from ..distributed import CaseShards
 from .damping import check_gamma
-from .factors import KroneckerFactors, kronecker_factors
+from .factors import KroneckerFactors
 from .fisher import dense_fisher_from_captures
 from .inverses import BlockDiagonalInverse, BlockTridiagonalInverse, check_neighbours
 from .operators import BlockOperator, spd_inverse
+from .output_fisher import capped_chunk, chain_statistics, exact_factors, supports_output_fisher
 
 
 class Approximation(str, Enum):
@@ -369,9 +370,11 @@ def check_capture_memory(view, layers, n_cases: int, max_bytes: int | None = Non
 def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, layers=None, pi="trace",
                          neighbours: str = "network", chunk_size: int | None = None,
                          factors: KroneckerFactors | None = None, max_capture_bytes: int | None = None,
-                         distributed=None) -> dict[Approximation, CurvatureApproximation]:
+                         distributed=None, diagonal=None) -> dict[Approximation, CurvatureApproximation]:
     """The undamped operators of ``approximations`` for ``model`` on X, in float64, sharing one set of
-    Kronecker factors (exact expectation; pass ``factors`` to reuse some) and one pass over the captures.
+    Kronecker factors (exact expectation; pass ``factors`` to reuse some, ``diagonal`` diag(F) per layer) and
+    one more pass for diag(F) and EK-FAC: over the output Fisher for a Linear chain (:mod:`.output_fisher`),
+    else over the captures.
 
     "blockdiag-exact" keeps the captures: see :func:`check_capture_memory` (``max_capture_bytes``).
     ``distributed``: X is this rank's shard and every operator is that of all ranks' cases; "blockdiag-exact"
@@ -388,24 +391,30 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
     if Approximation.BLOCKDIAG_EXACT in names:
         check_capture_memory(view, sel, X.shape[0], max_capture_bytes)
     if factors is None:
-        factors = kronecker_factors(view, X, lik, layers=sel, pairs=factor_pairs(view, sel, names, X),
-                                    chunk_size=chunk_size, distributed=distributed)
+        factors, diagonal = exact_factors(view, X, lik, sel, factor_pairs(view, sel, names, X), chunk_size=chunk_size,
+                                          diagonal=Approximation.DIAGONAL in names, distributed=distributed)
     shapes = [view.layers[k].shape for k in sel]
     ops: dict[Approximation, CurvatureApproximation] = {}
+    if diagonal is not None and Approximation.DIAGONAL in names:
+        ops[Approximation.DIAGONAL] = DiagonalFisher(list(diagonal), sel, shapes)
     makers = {Approximation.KFAC: lambda: KroneckerFisher(factors, 0.0, pi, sel),
               Approximation.KFAC_BLOCKDIAG: lambda: BlockDiagonalKronecker(factors, 0.0, pi, sel),
               Approximation.KFAC_TRIDIAG: lambda: BlockTridiagonalKronecker(factors, 0.0, pi, sel, neighbours)}
     for name in names:
         if name in makers:
             ops[name] = makers[name]()
-    wanted = {Approximation.EKFAC, Approximation.DIAGONAL, Approximation.BLOCKDIAG_EXACT} & set(names)
-    if wanted:
-        keep = Approximation.BLOCKDIAG_EXACT in wanted
-        eig = {k: (_eigenbasis(factors.A[k, k]), _eigenbasis(factors.G[k, k])) for k in sel}
+    wanted = {Approximation.EKFAC, Approximation.DIAGONAL, Approximation.BLOCKDIAG_EXACT} & set(names) - set(ops)
+    keep = Approximation.BLOCKDIAG_EXACT in wanted
+    eig = {k: (_eigenbasis(factors.A[k, k]), _eigenbasis(factors.G[k, k])) for k in sel} if wanted else {}
+    if wanted and not keep and supports_output_fisher(view):  # one pass over the output Fisher, no captures
+        st = chain_statistics(view, X, lik, sel, pairs=None, diagonal=Approximation.DIAGONAL in wanted,
+                              eigenbases=eig if Approximation.EKFAC in wanted else None, shards=shards if
+                              shards.active else None, chunk_size=capped_chunk(view, lik, sel, chunk_size))
+        diag, scal, N = dict(zip(sel, st.diagonal or sel)), dict(zip(sel, st.ekfac or sel)), 1
+    elif wanted:
         diag = {k: 0.0 for k in sel}
         scal = {k: 0.0 for k in sel}
         kept = []
-
         uses = layer_uses(view, X)
         extra = n_directions(view, "exact", 1) * max(view.layers[k].n_params for k in sel) \
             if any(uses[k] > 1 for k in sel) else 0
@@ -431,13 +440,13 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
             ([scal[k] for k in sel] if Approximation.EKFAC in wanted else [])
         shards.sum_(*sums)
         N = shards.global_count(X.shape[0], like=X)
-        if Approximation.DIAGONAL in wanted:
-            ops[Approximation.DIAGONAL] = DiagonalFisher([diag[k] / N for k in sel], sel, shapes)
-        if Approximation.EKFAC in wanted:
-            ops[Approximation.EKFAC] = EigenvalueCorrectedKronecker(
-                [eig[k][0] for k in sel], [eig[k][1] for k in sel], [scal[k] / N for k in sel], sel, shapes)
         if keep:
             ops[Approximation.BLOCKDIAG_EXACT] = ExactBlockDiagonal(kept, view, N, sel)
+    if Approximation.DIAGONAL in wanted:
+        ops[Approximation.DIAGONAL] = DiagonalFisher([diag[k] / N for k in sel], sel, shapes)
+    if Approximation.EKFAC in wanted:
+        ops[Approximation.EKFAC] = EigenvalueCorrectedKronecker(
+            [eig[k][0] for k in sel], [eig[k][1] for k in sel], [scal[k] / N for k in sel], sel, shapes)
     return {name: ops[name] for name in names}
 
 

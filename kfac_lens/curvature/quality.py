@@ -63,9 +63,9 @@ from .approximations import (
 )
 from .blocks import block_kind
 from .estimators import conjugate_gradient, lanczos, probe_vectors, ratio_estimate, relative_frobenius_errors
-from .factors import kronecker_factors
 from .fisher import exact_fisher, fisher_matrix_product
 from .operators import spd_cholesky, spd_inverse
+from .output_fisher import exact_factors
 
 METHODS = ("dense", "matrix-free")
 COLUMN_BATCH = 8        # F-product columns per linearised pass
@@ -164,10 +164,10 @@ class _Setup:
         if Approximation.BLOCKDIAG_EXACT in self.names:  # before any work
             check_capture_memory(self.view, self.sel, self.X.shape[0])
         pairs = factor_pairs(self.view, self.sel, self.names, self.X)
-        self.factors = kronecker_factors(self.view, self.X, self.lik, layers=self.sel, pairs=pairs,
-                                         chunk_size=chunk_size, distributed=distributed)
+        self.factors, diagonal = exact_factors(self.view, self.X, self.lik, self.sel, pairs, chunk_size=chunk_size,
+                                               diagonal=Approximation.DIAGONAL in self.names, distributed=distributed)
         self.ops = build_approximations(self.view, self.X, self.lik, self.names, self.sel, pi, neighbours,
-                                        chunk_size, factors=self.factors, distributed=distributed)
+                                        chunk_size, factors=self.factors, distributed=distributed, diagonal=diagonal)
         self.grad = None if self.y is None else loss_gradient(self.view, self.X, self.y, self.lik, self.sel,
                                                               distributed=distributed)
         self.P = self.view.n_params(self.sel)

@@ -1,0 +1,217 @@
+"""Exact-expectation curvature statistics of a Linear chain by backpropagating the output Fisher.
+
+For an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations (the paper's chain, Section 2),
+the expectation over y of ``g_k g_lᵀ`` is a matrix that can be propagated backwards instead of the R
+square-root directions of F_R (the idea of BackPACK's KFLR; Botev et al. 2017 for the Gauss-Newton). With
+``D_k = diag(φ'_k)`` the derivative between layer k's output s_k and layer k+1's input, per case:
+
+- ``M_L = D_L F_R D_L`` at the last layer (D_L: any activations after it; F_R = diag(p(1−p)) for Bernoulli);
+- ``M_k = D_k W_{k+1}ᵀ M_{k+1} W_{k+1} D_k`` = E_y[g_k g_kᵀ] (docs/math.md §2);
+- ``C_{k,l} = D_k W_{k+1}ᵀ C_{k+1,l}``, ``C_{l,l} = M_l``: E_y[g_k g_lᵀ] for k < l (kept transposed, one
+  GEMM per step).
+
+Then ``G[k, l] = E_n[C_{k,l}]`` (Section 3, exact expectation), ``diag(F)_k = E_n[diag(M_k) (ā_k²)ᵀ]`` and
+EK-FAC's scaling (George et al. 2018) ``S_k = E_n[diag(Q_Gᵀ M_k Q_G) ((Q_Aᵀ ā_k)²)ᵀ]``: the same numbers as
+the capture path, at about Σ d_k² d_{k+1} multiply-adds per case instead of R·P. Other networks keep the
+capture path (:func:`supports_output_fisher` says which).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..distributed import CaseShards
+from ..likelihoods import Likelihood
+from ..nets import NetworkView
+from .factors import KroneckerFactors, kronecker_factors, pair_list
+
+#: Elementwise modules with their derivative φ'(x) from input x and output y (None: the identity).
+ELEMENTWISE = {
+    nn.Tanh: lambda x, y: 1 - y * y,
+    nn.Sigmoid: lambda x, y: y * (1 - y),
+    nn.ReLU: lambda x, y: (x > 0).to(y.dtype),
+    nn.Identity: lambda x, y: None,
+}
+#: Likelihoods whose output Fisher F_R is diagonal (kept as a vector, never as C × C).
+DIAGONAL_OUTPUT_FISHER = ("bernoulli", "gaussian")
+BUDGET_ELEMS = 1 << 24  # numbers held per chunk of cases
+
+
+@dataclass
+class ChainStatistics:
+    """What :func:`chain_statistics` computed, each averaged over the cases (None when not asked for)."""
+
+    factors: KroneckerFactors | None
+    diagonal: list[torch.Tensor] | None
+    ekfac: list[torch.Tensor] | None
+
+
+def supports_output_fisher(view: NetworkView) -> bool:
+    """True when ``view`` is a chain of ``nn.Linear`` layers and :data:`ELEMENTWISE` modules only, where
+    propagating the output Fisher is exact."""
+    if view.is_general or not view.is_chain:
+        return False
+    mods = view.sequence
+    linears = [m for m in mods if isinstance(m, nn.Linear)]
+    if len({id(m) for m in linears}) != len(linears) or len(linears) != len(view.layers):
+        return False
+    return all(isinstance(m, nn.Linear) or type(m) in ELEMENTWISE for m in mods)
+
+
+def _forward(view: NetworkView, X: torch.Tensor):
+    """(ā_k per layer, D_k per layer as a (n, d_out) tensor or None for the identity, z)."""
+    a_bar: list[torch.Tensor] = []
+    derivs: list[torch.Tensor | None] = []
+    h, d = X, None
+    for mod in view.sequence:
+        if isinstance(mod, nn.Linear):
+            if a_bar:
+                derivs.append(d)
+            a_bar.append(torch.cat([h, torch.ones_like(h[:, :1])], 1) if mod.bias is not None else h)
+            h, d = mod(h), None
+            continue
+        y = mod(h.clone() if getattr(mod, "inplace", False) else h)
+        step = ELEMENTWISE[type(mod)](h, y)
+        if a_bar and step is not None:
+            d = step if d is None else d * step
+        h = y
+    derivs.append(d)
+    return a_bar, derivs, h
+
+
+def _output_fisher(lik: Likelihood, z: torch.Tensor, trailing: torch.Tensor | None) -> torch.Tensor:
+    """M_L per case: (n, C) for a diagonal F_R, else (n, C, C)."""
+    if lik.name in DIAGONAL_OUTPUT_FISHER:
+        M = lik.fisher_vp(z, torch.ones_like(z))
+        return M if trailing is None else M * trailing.square()
+    M = lik.fisher_output(z)
+    return M if trailing is None else trailing[:, :, None] * M * trailing[:, None, :]
+
+
+def _times_weight(T: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+    """``T W D`` per case as one GEMM over the stacked rows; T is (n, m, d_out) or, for diag(T), (n, d_out)."""
+    if T.ndim == 2:
+        out = T[:, :, None] * W
+    else:
+        n, m, _ = T.shape
+        out = (T.reshape(n * m, -1) @ W).reshape(n, m, W.shape[1])
+    return out if D is None else out.mul_(D[:, None, :])
+
+
+def _diag(M: torch.Tensor) -> torch.Tensor:
+    return M if M.ndim == 2 else torch.diagonal(M, dim1=1, dim2=2)
+
+
+def _eigen_diag(M: torch.Tensor, QG: torch.Tensor) -> torch.Tensor:
+    """diag(Q_Gᵀ M Q_G) per case, (n, d)."""
+    if M.ndim == 2:
+        return M @ QG.square()
+    return (torch.matmul(M, QG) * QG).sum(1)
+
+
+def default_chunk(view: NetworkView, likelihood: Likelihood, layers: Sequence[int]) -> int:
+    """Cases per chunk so that the propagated matrices of a chunk stay near :data:`BUDGET_ELEMS` numbers."""
+    d = sorted(L.d_out for L in view.layers[min(layers):])
+    widest, second = d[-1], (d[-2] if len(d) > 1 else d[-1])
+    out = widest if likelihood.name in DIAGONAL_OUTPUT_FISHER else widest * widest
+    per_case = 2 * widest * second + 2 * second * second + out + sum(L.a_dim for L in view.layers)
+    return max(1, BUDGET_ELEMS // per_case)
+
+
+def chain_statistics(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int], *,
+                     pairs: str | None = "tridiag", diagonal: bool = False, eigenbases=None,
+                     chunk_size: int | None = None, shards: CaseShards | None = None) -> ChainStatistics:
+    """One pass over X (already checked) propagating M_k (module docstring) for the selected ``layers``.
+
+    ``pairs``: the Kronecker factor pairs (:func:`~kfac_lens.curvature.factors.pair_list`), or None for no
+    factors; ``diagonal``: diag(F) per layer; ``eigenbases``: ``{k: (Q_A, Q_G)}`` for EK-FAC's scaling. All
+    exact over y, in the view's dtype; with ``shards`` the sums are over every rank's cases."""
+    if not supports_output_fisher(view):
+        raise ValueError("chain_statistics needs an nn.Sequential of nn.Linear layers and elementwise "
+                         f"activations ({', '.join(t.__name__ for t in ELEMENTWISE)}); use the capture path.")
+    sel = sorted(layers)
+    if not sel or sel != list(layers):
+        raise ValueError(f"layers must be a non-empty strictly increasing list, got {list(layers)}.")
+    plist = pair_list(sel, pairs) if pairs is not None else []
+    cross: dict[int, list[int]] = {l: sorted((k for k, ll in plist if ll == l and k != l), reverse=True)
+                                   for l in range(len(view.layers))}
+    chunk = default_chunk(view, likelihood, sel) if chunk_size is None else int(chunk_size)
+    weights = [L.module.weight.detach() for L in view.layers]
+    A: dict = {}
+    G: dict = {}
+    diag = {k: 0.0 for k in sel}
+    scal = {k: 0.0 for k in sel}
+    chosen = set(sel)
+    lo = sel[0]
+
+    def add(table, key, value):
+        table[key] = value if key not in table else table[key] + value
+
+    def accumulate() -> int:
+        n = 0
+        with torch.no_grad():
+            for start in range(0, X.shape[0], chunk):
+                a_bar, derivs, z = _forward(view, X[start:start + chunk])
+                n += z.shape[0]
+                for k, l in plist:
+                    add(A, (k, l), a_bar[k].T @ a_bar[l])
+                M = _output_fisher(likelihood, z, derivs[-1])
+                for l in range(len(weights) - 1, lo - 1, -1):
+                    if l in chosen:
+                        if pairs is not None:
+                            add(G, (l, l), torch.diag(M.sum(0)) if M.ndim == 2 else M.sum(0))
+                        if diagonal:
+                            diag[l] = diag[l] + _diag(M).T @ a_bar[l].square()
+                        if eigenbases is not None:
+                            QA, QG = eigenbases[l]
+                            scal[l] = scal[l] + _eigen_diag(M, QG).T @ (a_bar[l] @ QA).square()
+                    if l == lo:
+                        break
+                    # T_{k,l} = C_{k,l}ᵀ = M_l J_{l←k}, rows per case, so each step is one GEMM
+                    T = _times_weight(M, weights[l], derivs[l - 1])  # T_{l-1,l} = M_l W_l D_{l-1}
+                    M = _times_weight(T.transpose(1, 2).contiguous(), weights[l], derivs[l - 1])  # M_{l-1}
+                    for k in range(l - 1, cross[l][-1] - 1 if cross[l] else l - 1, -1):
+                        if k < l - 1:  # T_{k,l} = T_{k+1,l} W_{k+1} D_k
+                            T = _times_weight(T, weights[k + 1], derivs[k])
+                        if k in cross[l]:
+                            add(G, (k, l), T.sum(0).T)
+        return n
+
+    n = accumulate() if shards is None else shards.run(accumulate, "the output-Fisher sums on this rank's cases")
+    if shards is not None:
+        n = shards.global_count(n, like=X)
+        sums = list(A.values()) + list(G.values()) + [diag[k] for k in sel if diagonal] + \
+            [scal[k] for k in sel if eigenbases is not None]
+        shards.sum_(*sums)
+    factors = None
+    if pairs is not None:
+        factors = KroneckerFactors({kl: t / n for kl, t in A.items()}, {kl: t / n for kl, t in G.items()}, sel,
+                                   {k: view.layers[k].shape for k in sel}, n, "exact")
+    return ChainStatistics(factors, [diag[k] / n for k in sel] if diagonal else None,
+                           [scal[k] / n for k in sel] if eigenbases is not None else None)
+
+
+def exact_factors(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int], pairs: str,
+                  *, diagonal: bool = False, chunk_size: int | None = None, distributed=None):
+    """``(factors, diag(F) per layer or None)``, exact over y: one :func:`chain_statistics` pass where
+    :func:`supports_output_fisher`, else the captures (:func:`~kfac_lens.curvature.factors.kronecker_factors`;
+    diag(F) is then None, left to the capture pass of
+    :func:`~kfac_lens.curvature.approximations.build_approximations`). ``chunk_size`` caps the cases per chunk."""
+    if not supports_output_fisher(view):
+        return kronecker_factors(view, X, likelihood, layers=layers, pairs=pairs, chunk_size=chunk_size,
+                                 distributed=distributed), None
+    shards = CaseShards(distributed)
+    st = chain_statistics(view, X, likelihood, layers, pairs=pairs, diagonal=diagonal,
+                          chunk_size=capped_chunk(view, likelihood, layers, chunk_size),
+                          shards=shards if shards.active else None)
+    return st.factors, st.diagonal
+
+
+def capped_chunk(view: NetworkView, likelihood: Likelihood, layers: Sequence[int], chunk_size: int | None) -> int:
+    """:func:`default_chunk`, or ``chunk_size`` when that is smaller (a cap on the cases held at once)."""
+    chunk = default_chunk(view, likelihood, layers)
+    return chunk if chunk_size is None else max(1, min(chunk, int(chunk_size)))
