@@ -257,3 +257,92 @@ def test_bad_arguments_of_the_block_table_and_operators():
     op.D[0][0, 0] = 0.0
     with pytest.raises(ValueError, match="pass gamma > 0"):
         op.inverse()
+
+
+# ----------------------------------------------------------------------------- output-Fisher path (Linear chains)
+def _capture_statistics(net, X, family, sel, pairs):
+    """Today's capture path (R backward directions per case), forced by hiding the chain's structure:
+    ``NetworkView(net, example_input=...)`` reads the same network through a probe pass."""
+    from kfac_lens.nets import NetworkView
+
+    view = NetworkView(net, example_input=X[:2])
+    f = kronecker_factors(view, X, family, layers=sel, pairs=pairs)
+    ops = build_approximations(view, X, family, ["ekfac", "diagonal"], layers=sel, factors=f)
+    return f, ops[Approximation.EKFAC], ops[Approximation.DIAGONAL]
+
+
+def _chain_nets():
+    torch.manual_seed(4)
+    return [O.make_net("d4"), O.make_net("d3"),
+            torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(5, 6), torch.nn.ReLU(inplace=True),
+                                torch.nn.Linear(6, 6), torch.nn.Linear(6, 3, bias=False), torch.nn.Sigmoid()).double()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_fisher_statistics_match_the_capture_path(family):
+    """Propagating M_k = E_y[g_k g_kᵀ] backwards (curvature/output_fisher.py) gives today's capture-path factors
+    (every pair), diag(F) and EK-FAC scaling to rounding, for subsets of layers and small chunks."""
+    from kfac_lens.capture import analysis_view
+    from kfac_lens.curvature.output_fisher import chain_statistics, supports_output_fisher
+    from kfac_lens.likelihoods import get_likelihood
+
+    for net in _chain_nets():
+        view = analysis_view(net, torch.float64)
+        assert supports_output_fisher(view)
+        X = O.make_inputs(net, 11, seed=2)
+        L = len(view.layers)
+        for sel in (list(range(L)), [1, L - 1], [0, 1]):
+            f, ekfac, diag = _capture_statistics(net, X, family, sel, "all")
+            eig = {k: (QA, QG) for k, QA, QG in zip(sel, ekfac.QA, ekfac.QG)}
+            st = chain_statistics(view, X, get_likelihood(family), sel, pairs="all", diagonal=True, eigenbases=eig,
+                                  chunk_size=4)
+            assert sorted(st.factors.A.keys()) == sorted(f.A.keys()) and st.factors.n_cases == 11
+            for kl in f.A.keys():
+                assert O.rel(st.factors.A[kl], f.A[kl]) < TOL and O.rel(st.factors.G[kl], f.G[kl]) < TOL, kl
+            for i in range(len(sel)):
+                assert O.rel(st.diagonal[i], diag.undamped[i]) < TOL and O.rel(st.ekfac[i], ekfac.undamped[i]) < TOL
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "categorical"])
+def test_output_fisher_path_matches_oracle_and_capture_path_for_compare(family):
+    """compare_approximations (which now takes the output-Fisher path on a chain) equals the oracle's values and
+    the capture path's (the same network read through a probe pass)."""
+    from kfac_lens.nets import NetworkView
+
+    net, X, _ = O.problem("d4", family)
+    sel = O.all_layers(net)
+    F, A, G, szs = oracle_parts(net, X, family, sel)
+    names = ["kfac", "kfac-tridiag", "ekfac", "diagonal"]
+    chain = compare_approximations(net, X, family, names, top_k=3).set_index("approximation")
+    probed = compare_approximations(NetworkView(net, example_input=X[:2]), X, family, names,
+                                    top_k=3).set_index("approximation")
+    for name in names:
+        ref = oracle_approximation(name, F, A, G, sel, szs)
+        rel = float((F - ref).norm() / F.norm())
+        assert chain.loc[name, "rel_frobenius"] == pytest.approx(rel, rel=TOL)
+        assert chain.loc[name, "rel_frobenius"] == pytest.approx(probed.loc[name, "rel_frobenius"], rel=TOL)
+
+
+def test_output_fisher_path_is_only_taken_where_exact():
+    """Other modules (Softplus, LayerNorm, convolutions, probe-read models) keep the capture path, and
+    chain_statistics refuses them by name."""
+    from kfac_lens.capture import analysis_view
+    from kfac_lens.curvature.output_fisher import chain_statistics, supports_output_fisher
+    from kfac_lens.likelihoods import get_likelihood
+    from kfac_lens.nets import NetworkView
+
+    soft = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Softplus(), torch.nn.Linear(5, 3)).double()
+    X = O.make_inputs(soft, 9)
+    view = analysis_view(soft, torch.float64)
+    assert not supports_output_fisher(view)
+    assert not supports_output_fisher(NetworkView(O.make_net("d2"), example_input=X[:2, :4]))
+    with pytest.raises(ValueError, match="use the capture path"):
+        chain_statistics(view, X, get_likelihood("gaussian"), [0, 1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        chain_statistics(analysis_view(O.make_net("d2"), torch.float64), X[:, :4], get_likelihood("gaussian"),
+                         [1, 0])
+    # the fallback still matches the oracle
+    F, A, G, szs = oracle_parts(soft, X, "gaussian", [0, 1])
+    ops = build_approximations(soft, X, "gaussian", ["kfac-tridiag", "ekfac", "diagonal"])
+    for name, op in ops.items():
+        assert O.rel(op.dense(), oracle_approximation(str(name), F, A, G, [0, 1], szs)) < TOL, name
