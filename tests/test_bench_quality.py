@@ -107,3 +107,46 @@ def test_compare_approximations_float32_products():
         torch.testing.assert_close(torch.tensor(f32[col].values), torch.tensor(f64[col].values), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="fisher_dtype"):
         compare_approximations(net, X, "categorical", fisher_dtype=torch.float16, **kw)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "gaussian"])
+def test_chain_fisher_product_matches_oracle(likelihood):
+    """The cached-primal F V of a Linear chain (curvature/chain_products.py) equals the dense oracle's and
+    fisher_matrix_product's, on layer subsets, with an in-place ReLU, a bias-free layer and a trailing activation."""
+    from kfac_lens.capture import analysis_view
+    from kfac_lens.curvature.chain_products import ChainFisherProduct
+    from kfac_lens.likelihoods import get_likelihood
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 4, bias=False), nn.Tanh(),
+                        nn.Linear(4, 3), nn.Sigmoid()).double()
+    X = torch.randn(30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    view = analysis_view(net, torch.float64)
+    for layers in ([0, 1, 2], [1, 2], [0, 2]):
+        P = view.n_params(layers)
+        V = torch.randn(P, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        FV = ChainFisherProduct(view, X, get_likelihood(likelihood), layers, chunk_size=7)(V)
+        torch.testing.assert_close(FV, O.exact_fisher(net, X, likelihood, layers=layers) @ V, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(FV, fisher_matrix_product(net, X, likelihood, V, layers=layers), rtol=1e-10,
+                                   atol=1e-13)
+    with pytest.raises(ValueError, match="V must be a"):
+        ChainFisherProduct(view, X, get_likelihood(likelihood), [0, 1, 2])(torch.zeros(3, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        ChainFisherProduct(view, X, get_likelihood(likelihood), [0, 1, 2], chunk_size=0)
+
+
+def test_matrix_free_comparison_same_on_chain_and_capture_paths():
+    """compare_approximations(method="matrix-free") on a chain (output-Fisher set-up, cached-primal products)
+    gives the values of the same network read through a probe pass (capture set-up, fisher_matrix_product)."""
+    from kfac_lens.curvature.quality import compare_approximations
+    from kfac_lens.nets import NetworkView
+
+    net = _net()
+    X = torch.randn(50, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(approximations=["kfac", "kfac-tridiag", "ekfac", "diagonal"], gamma=0.1, method="matrix-free",
+              probes=6, top_k=3, spectra=["kfac-tridiag"])
+    chain = compare_approximations(net, X, "bernoulli", **kw)
+    probed = compare_approximations(NetworkView(net, example_input=X[:2]), X, "bernoulli", **kw)
+    for col in ("rel_frobenius", "ci_low", "ci_high", "precond_cond"):
+        torch.testing.assert_close(torch.tensor(chain[col].values), torch.tensor(probed[col].values), rtol=1e-8,
+                                   atol=0, equal_nan=True)

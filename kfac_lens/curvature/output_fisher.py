@@ -62,7 +62,7 @@ def supports_output_fisher(view: NetworkView) -> bool:
     return all(isinstance(m, nn.Linear) or type(m) in ELEMENTWISE for m in mods)
 
 
-def _forward(view: NetworkView, X: torch.Tensor):
+def chain_forward(view: NetworkView, X: torch.Tensor):
     """(ā_k per layer, D_k per layer as a (n, d_out) tensor or None for the identity, z)."""
     a_bar: list[torch.Tensor] = []
     derivs: list[torch.Tensor | None] = []
@@ -155,7 +155,7 @@ def chain_statistics(view: NetworkView, X: torch.Tensor, likelihood: Likelihood,
         n = 0
         with torch.no_grad():
             for start in range(0, X.shape[0], chunk):
-                a_bar, derivs, z = _forward(view, X[start:start + chunk])
+                a_bar, derivs, z = chain_forward(view, X[start:start + chunk])
                 n += z.shape[0]
                 for k, l in plist:
                     add(A, (k, l), a_bar[k].T @ a_bar[l])

@@ -62,10 +62,11 @@ from .approximations import (
     parse_approximations,
 )
 from .blocks import block_kind
+from .chain_products import CACHE_CHUNK, ChainFisherProduct
 from .estimators import conjugate_gradient, lanczos, probe_vectors, ratio_estimate, relative_frobenius_errors
 from .fisher import exact_fisher, fisher_matrix_product
 from .operators import spd_cholesky, spd_inverse
-from .output_fisher import exact_factors
+from .output_fisher import exact_factors, supports_output_fisher
 
 METHODS = ("dense", "matrix-free")
 COLUMN_BATCH = 8        # F-product columns per linearised pass
@@ -172,19 +173,25 @@ class _Setup:
                                                               distributed=distributed)
         self.P = self.view.n_params(self.sel)
         self.fisher_products = 0
+        self.chain_product: ChainFisherProduct | None = None
 
     def fisher_matmul(self, V: torch.Tensor) -> torch.Tensor:
-        """F V by :func:`fisher_matrix_product`, ``COLUMN_BATCH`` columns per pass, computed in
-        ``fisher_dtype`` and returned in float64; the cases go in chunks of at most ``ROWS_PER_PASS``/columns."""
+        """F V by :func:`fisher_matrix_product` (a Linear chain on one process: :class:`ChainFisherProduct`, the
+        primal pass cached), ``COLUMN_BATCH`` columns per pass, computed in ``fisher_dtype`` and returned in
+        float64; the cases go in chunks of at most ``ROWS_PER_PASS``/columns."""
         self.fisher_products += V.shape[1]
         chunk = 4096 if self.chunk_size is None else int(self.chunk_size)
+        if self.chain_product is None and supports_output_fisher(self.view) and not CaseShards(self.distributed).active:
+            view = self.view.astype(self.fisher_dtype)
+            self.chain_product = ChainFisherProduct(view, self.X.to(self.fisher_dtype), self.lik, self.sel,
+                                                    min(chunk, CACHE_CHUNK))
         parts = []
         for i in range(0, V.shape[1], COLUMN_BATCH):
             block = V[:, i:i + COLUMN_BATCH]
             rows = max(1, min(chunk, ROWS_PER_PASS // block.shape[1]))
-            parts.append(fisher_matrix_product(self.view, self.X, self.lik, block, layers=self.sel,
-                                               dtype=self.fisher_dtype, chunk_size=rows,
-                                               distributed=self.distributed).to(V.dtype))
+            parts.append((self.chain_product(block) if self.chain_product is not None else fisher_matrix_product(
+                self.view, self.X, self.lik, block, layers=self.sel, dtype=self.fisher_dtype, chunk_size=rows,
+                distributed=self.distributed)).to(V.dtype))
         return torch.cat(parts, dim=1) if parts else V.new_zeros(V.shape)
 
     def reference_preconditioner(self, gamma: float, inverses: dict):
