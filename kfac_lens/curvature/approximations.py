@@ -99,7 +99,7 @@ def _kron_dense(A: dict, G: dict, layers: Sequence[int], shapes: Sequence[tuple[
 
 
 class KroneckerPairs(CurvatureApproximation):
-    """Σ over stored pairs of ``kron(A[k, l], G[k, l])``: ``U_k = Σ_l G[k, l] V_l A[k, l]ᵀ``."""
+    """Σ over stored pairs of ``kron(A[k, l], G[k, l])``: ``U_k = Σ_l G[k, l] V_l A[k, l]ᵀ`` (cheaper order first)."""
 
     def __init__(self, A: dict, G: dict, layers: Sequence[int], shapes: Sequence[tuple[int, int]]):
         super().__init__(layers, shapes)
@@ -112,7 +112,9 @@ class KroneckerPairs(CurvatureApproximation):
             acc = None
             for l, V in zip(self.layers, mats):
                 if (k, l) in self.A:
-                    term = self.G[k, l] @ V @ self.A[k, l].T
+                    (dk, dl), (ak, al) = self.G[k, l].shape, self.A[k, l].shape
+                    G, A = self.G[k, l], self.A[k, l]
+                    term = (G @ V) @ A.T if dk * al * (dl + ak) <= dl * ak * (al + dk) else G @ (V @ A.T)
                     acc = term if acc is None else acc + term
             out.append(acc)
         return out
@@ -414,8 +416,7 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
     elif wanted:
         diag = {k: 0.0 for k in sel}
         scal = {k: 0.0 for k in sel}
-        kept = []
-        uses = layer_uses(view, X)
+        kept, uses = [], layer_uses(view, X)
         extra = n_directions(view, "exact", 1) * max(view.layers[k].n_params for k in sel) \
             if any(uses[k] > 1 for k in sel) else 0
 
