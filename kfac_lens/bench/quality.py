@@ -5,16 +5,23 @@ Sections 3.2–3.3, EK-FAC of George et al. 2018) on the quick autoencoder 784-2
 (P = 449,514; the zoo's network at its captured iteration, N = 10,000 cases): the relative Frobenius error
 of every approximation with its confidence interval, plus the top-20 spectrum of the damped F̂⁻¹F
 (generalized Lanczos). The targets: all of it in ≤ 2 minutes on 2 CPU cores, each interval's half-width
-≤ 5% of its value. The table gives seconds / target and half-width / 5%. Every F-product is batched
-(:func:`~kfac_lens.curvature.fisher.fisher_matrix_product`); ``--fisher-dtype float64`` measures the
-float64 products. ``--quick``: a freshly initialised autoencoder on 1000 8×8 digits (P = 9,048), in
-seconds. Run it as ``kfac-lens bench quality``.
+≤ 5% of its value. The table gives seconds / target and half-width / 5%. The F-products are batched
+(:func:`~kfac_lens.curvature.fisher.fisher_matrix_product`; on a Linear chain its cached-primal form);
+``--fisher-dtype float64`` measures the float64 products. ``--quick``: a freshly initialised autoencoder on
+1000 8×8 digits (P = 9,048), in seconds. Run it as ``kfac-lens bench quality``.
 
-Where the time goes at full size: the set-up's two capture passes (the Kronecker factors, then the EK-FAC
-scaling and diag(F)) take the expectation over y exactly, one backward direction per output unit (R = 784
-for the autoencoder's Bernoulli outputs): about 2·R·N·P multiply-adds each, far above the F-products
-(4·N·P each), so the set-up dominates at N = 10,000 and the 2-minute target is not met on 2 cores (the
-split in the table's notes shows it). On a loaded machine prefer ``--threads 1`` for small sizes.
+Where the time goes at full size. The expectation over y is exact everywhere. On this Linear chain the
+set-up propagates the per-case output Fisher backwards (:mod:`~kfac_lens.curvature.output_fisher`,
+M_k = D_k W_{k+1}ᵀ M_{k+1} W_{k+1} D_k) instead of backpropagating R = 784 directions per case: pass 1 gives
+every Kronecker factor pair and diag(F) (~1.2·10⁸ multiply-adds per case here), pass 2 EK-FAC's scaling in
+the eigenbases of pass 1's factors (~1·10⁸), about 10× fewer than the two capture passes (~2·10⁹). The
+F-products keep the primal pass (:class:`~kfac_lens.curvature.chain_products.ChainFisherProduct`), which
+matters for the 140 one-column Lanczos steps. Measured at N = 1000 on 2 shared cores (wall, load ≈ 3) and
+scaled linearly in N: set-up ~290 s (float64), F-products ~60 s, the operators' own products in the
+Frobenius estimate ~20 s (independent of N) — about 370 s, ~3× the target (it was ~4000 s, ~35×). The
+set-up is float64 GEMM-bound (~4·10¹² flops at N = 10,000), so 2 minutes needs ≥ 35 GFLOP/s of float64
+from 2 cores for it alone. The split in the table's notes shows it. On a loaded machine prefer ``--threads
+1`` for small sizes.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ def quality_benchmark(model, X, gamma: float, name: str = "", *, probes: int = 6
     Rows: the wall clock (ratio = seconds / ``target_s``), one per approximation (ratio = the interval's
     half-width relative to the value, / 5%), and the top of F̂⁻¹F's spectrum (value = θ_max, ratio empty).
     The comparison's own split of the time is in the notes."""
+    from ..capture import as_view
+    from ..curvature.output_fisher import supports_output_fisher
     from ..curvature.quality import compare_approximations
 
     load_start = load_average()
@@ -95,7 +104,10 @@ def quality_benchmark(model, X, gamma: float, name: str = "", *, probes: int = 6
         f"F: rank {info.get('deflation_rank', 0)}); F Lanczos {info.get('lanczos_F_steps')} steps, F̂⁻¹F Lanczos "
         f"{info.get('lanczos_kfac-tridiag_steps')} steps (converged: {info.get('lanczos_kfac-tridiag_converged')}, "
         f"tol {tol:g} relative to θ_max).",
-        f"split: {split}.",
+        f"split: {split}. Set-up: " + ("the output Fisher propagated backwards (Linear chain), two passes; F-products "
+                                       "with the primal pass cached." if supports_output_fisher(as_view(model)) else
+                                       "captures with one backward direction per output unit, two passes.")
+        + " The set-up and the F-products grow with N; the damping and the operators' own products do not.",
         "F̂⁻¹F top eigenvalues: " + ", ".join(f"{e:.4g}" for e in eigs) + f"; precond_cond ≥ {tri['precond_cond']:.4g}.",
         "'blockdiag-exact' is left out: it keeps every case's captured output gradients (R·N·Σd_out numbers, "
         "about 95 GB for the quick autoencoder at N = 10,000).",
