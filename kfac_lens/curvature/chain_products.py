@@ -73,5 +73,12 @@ class ChainFisherProduct:
                 if k > lo:
                     g = g @ self.weights[k]
                     g = g if derivs[k - 1] is None else g * derivs[k - 1]
-        return mats_to_vec([out[k] if torch.is_tensor(out[k]) else torch.zeros(m, *s, dtype=dtype)
+        return mats_to_vec([out[k] if torch.is_tensor(out[k]) else
+                            torch.zeros(m, *s, dtype=dtype, device=self.weights[0].device)
                             for k, s in zip(self.sel, self.shapes)]).T
+
+
+def cache_bytes(view: NetworkView, n_cases: int, dtype: torch.dtype) -> int:
+    """Bytes the cached primal pass of :class:`ChainFisherProduct` holds: ā_k, D_k and z of every case."""
+    per_case = sum(L.a_dim + L.d_out for L in view.layers) + view.output_dim
+    return per_case * int(n_cases) * torch.empty((), dtype=dtype).element_size()

@@ -50,6 +50,7 @@ from ..capture import analysis_view, check_inputs, positive_int
 from ..distributed import CaseShards
 from ..errors import DenseTooLargeError
 from ..likelihoods import get_likelihood
+from ..memory import available_bytes
 from ..nets import mats_to_vec
 from .approximations import (
     APPROXIMATIONS,
@@ -62,7 +63,7 @@ from .approximations import (
     parse_approximations,
 )
 from .blocks import block_kind
-from .chain_products import CACHE_CHUNK, ChainFisherProduct
+from .chain_products import CACHE_CHUNK, ChainFisherProduct, cache_bytes
 from .estimators import conjugate_gradient, lanczos, probe_vectors, ratio_estimate, relative_frobenius_errors
 from .fisher import exact_fisher, fisher_matrix_product
 from .operators import spd_cholesky, spd_inverse
@@ -178,10 +179,13 @@ class _Setup:
     def fisher_matmul(self, V: torch.Tensor) -> torch.Tensor:
         """F V by :func:`fisher_matrix_product` (a Linear chain on one process: :class:`ChainFisherProduct`, the
         primal pass cached), ``COLUMN_BATCH`` columns per pass, computed in ``fisher_dtype`` and returned in
-        float64; the cases go in chunks of at most ``ROWS_PER_PASS``/columns."""
+        float64 (the cache only where it takes at most a quarter of the free memory); the cases go in chunks of at
+        most ``ROWS_PER_PASS``/columns."""
         self.fisher_products += V.shape[1]
         chunk = 4096 if self.chunk_size is None else int(self.chunk_size)
-        if self.chain_product is None and supports_output_fisher(self.view) and not CaseShards(self.distributed).active:
+        one_process = not CaseShards(self.distributed).active
+        if self.chain_product is None and one_process and supports_output_fisher(self.view) \
+                and cache_bytes(self.view, len(self.X), self.fisher_dtype) <= available_bytes(self.view.device) // 4:
             view = self.view.astype(self.fisher_dtype)
             self.chain_product = ChainFisherProduct(view, self.X.to(self.fisher_dtype), self.lik, self.sel,
                                                     min(chunk, CACHE_CHUNK))
