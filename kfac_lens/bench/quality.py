@@ -16,12 +16,13 @@ M_k = D_k W_{k+1}ᵀ M_{k+1} W_{k+1} D_k) instead of backpropagating R = 784 dir
 every Kronecker factor pair and diag(F) (~1.2·10⁸ multiply-adds per case here), pass 2 EK-FAC's scaling in
 the eigenbases of pass 1's factors (~1·10⁸), about 10× fewer than the two capture passes (~2·10⁹). The
 F-products keep the primal pass (:class:`~kfac_lens.curvature.chain_products.ChainFisherProduct`), which
-matters for the 140 one-column Lanczos steps. Measured at N = 1000 on 2 shared cores (wall, load ≈ 3) and
-scaled linearly in N: set-up ~290 s (float64), F-products ~60 s, the operators' own products in the
-Frobenius estimate ~20 s (independent of N) — about 370 s, ~3× the target (it was ~4000 s, ~35×). The
-set-up is float64 GEMM-bound (~4·10¹² flops at N = 10,000), so 2 minutes needs ≥ 35 GFLOP/s of float64
-from 2 cores for it alone. The split in the table's notes shows it. On a loaded machine prefer ``--threads
-1`` for small sizes.
+matters for the 140 one-column Lanczos steps. Measured at N = 10,000 on 2 shared cores (load 1–3): set-up
+190 s, F Lanczos 121 s, Frobenius estimate 318 s, F̂⁻¹F Lanczos 538 s, total 1170 s, ~10× the target (it
+was ~35×, ~4000 s extrapolated from N = 1000). At N = 1000 the same run takes 67 s (set-up 15 s, F Lanczos
+5 s, Frobenius 24 s, F̂⁻¹F Lanczos 23 s): a Lanczos step costs ~0.1 s there but 3–6 s at N = 10,000, far
+more than the 10× of its F-product, which is not yet explained (next thing to profile). The set-up is float64
+GEMM-bound (~4·10¹² flops at N = 10,000). The split in the table's notes shows it. On a loaded machine
+prefer ``--threads 1`` for small sizes.
 """
 
 from __future__ import annotations
