@@ -124,14 +124,14 @@ def relative_frobenius_errors(fisher_matmul: Matmul, approx_matmuls: Mapping[str
     den_exact = 0.0
     if basis is not None:
         if fisher_basis is None:
-            fisher_basis = fisher_matmul(basis)
+            fisher_basis = fisher_matmul(basis).detach()
         den_exact = float(fisher_basis.square().sum())
         for name, mm in approx_matmuls.items():
             num_exact[name] = float((fisher_basis - mm(basis)).square().sum())
     W = probe_vectors(n_params, probes, generator, distribution, dtype, device)
     if basis is not None:
         W = W - basis @ (basis.T @ W)
-    FW = torch.cat([fisher_matmul(W[:, i:i + batch]) for i in range(0, probes, batch)], dim=1)
+    FW = torch.cat([fisher_matmul(W[:, i:i + batch]).detach() for i in range(0, probes, batch)], dim=1)
     den_gram = FW.T @ FW
     out = {}
     for name, mm in approx_matmuls.items():
@@ -218,7 +218,7 @@ def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = No
     converged, coef, solve_res = False, None, float("nan")
     while True:
         j = len(alphas)
-        y = matmul(V[:, j:j + 1])
+        y = matmul(V[:, j:j + 1]).detach()  # (an operator built on autograd must not grow a graph here)
         if keep_images:
             images[:, j:j + 1] = y
         alphas.append(float((V[:, j:j + 1] * y).sum()))
