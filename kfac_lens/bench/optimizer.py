@@ -24,7 +24,7 @@ from .harness import Benchmark, format_table, load_average, resolve_device, torc
 # The starting grids, ascending; :func:`tune_on_grid` widens one whose best value lies at an edge.
 SGD_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
-KFAC_LAMBDAS = (1.0, 10.0, 150.0)  # K-FAC's counterpart of a learning rate: the initial λ (Appendix E.5)
+KFAC_LAMBDAS = (0.01, 0.1, 1.0, 10.0, 150.0)  # K-FAC's counterpart of a learning rate: the initial λ (Appendix E.5)
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -174,7 +174,7 @@ def _per_iteration_time(make_opt, sizes, X, m, iterations, seed, device) -> floa
 def optimizer_benchmark(budget_s: float = 60.0, tune_s: float = 10.0, data: str = "mnist",
                         device: str | torch.device = "cpu", threads: int | None = None,
                         seeds: Sequence[int] = DEFAULT_SEEDS, tune_seeds: Sequence[int] | None = None,
-                        max_extensions: int = 2, timing_iterations: int = 43,
+                        max_extensions: int = 4, timing_iterations: int = 43,
                         verbose: bool = True) -> pd.DataFrame:
     """K-FAC (block-diagonal, block-tridiagonal; the paper's defaults and exponential batch schedule) against
     SGD-Nesterov and Adam (fixed batch 500), each run for ``budget_s`` seconds of optimizer time on the quick
