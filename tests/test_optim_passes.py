@@ -18,11 +18,9 @@ from torch import nn
 import kfac_lens as K
 from kfac_lens.capture import forward
 from kfac_lens.curvature.factors import compute_factors
-from kfac_lens.curvature.inverses import factor_eigs
 from kfac_lens.optim import SubspaceModel
 from kfac_lens.optim.fisher_products import fisher_gram_from_pass, linearisation_plan
 from kfac_lens.optim.passes import GradientPass, gradient_pass, subset_statistics
-from kfac_lens.optim.proposals import eigenbasis_directions
 from kfac_lens.optim.quadratic import SOLUTION_FIELDS, solve_subspaces
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -115,23 +113,6 @@ def test_gram_from_the_gradient_pass_equals_fisher_gram(family, activations):
     assert rel(fisher_gram_from_pass(view, lik, batch, None, vecs, plan, chunk_size=6),
                K.fisher_gram(net, X, family, vecs)) < 1e-12
     assert rel(fisher_gram_from_pass(view, lik, batch, S2, vecs, plan, chunk_size=3), ref) < 1e-12
-
-
-def test_eigenbasis_gamma_search_equals_the_block_diagonal_inverses():
-    net = net_with([nn.Tanh])
-    view = K.NetworkView(net)
-    X, _ = data(n=200)
-    f = K.kronecker_factors(net, X, "categorical", pairs="diag")
-    grad = random_mats(view, 1, seed=4)[0]
-    gammas = [0.03, 0.3, 3.0]
-    for pi in ("trace", 1.0):
-        Deltas = eigenbasis_directions(factor_eigs(f), f, grad, gammas, pi)
-        for g, D in zip(gammas, Deltas):
-            ref = K.block_diagonal_inverse(f, g, pi=pi).apply(grad)
-            for u, r in zip(D, ref):
-                assert rel(-u, r) < 1e-11
-    with pytest.raises(K.SingularFactorError):
-        eigenbasis_directions(factor_eigs(f), f, grad, [-5.0], "trace")
 
 
 def test_batched_subspace_solve_equals_subspace_model():

@@ -1,12 +1,6 @@
 """The update proposals of one iteration: Δ for each γ candidate and the pieces of M over span{Δ, δ₀}
 (Section 3.2, Appendices E.3, E.4, E.6, F, J).
 
-- :func:`eigenbasis_directions`: Δ_γ of the block-diagonal inverse for many γ (E.6) in the factors'
-  eigenbasis. With ``Ā = E_A diag(a) E_Aᵀ`` and ``G = E_G diag(g) E_Gᵀ`` the factored-Tikhonov-damped
-  block inverse (E.3) applied to ∇h is ``E_G [(E_Gᵀ ∇h E_A) ⊘ ((g + γ/π)(a + πγ)ᵀ)] E_Aᵀ``, so every
-  candidate shares one rotated gradient and none forms an inverse. (The optimizer's search has only three
-  candidates and keeps the winner's inverse, so it builds one inverse per candidate by Cholesky, which
-  costs less than the eigendecompositions.)
 - :func:`subspace_grams`: for K candidates, the λ-independent Gram matrices of M on span{Δ_c, δ₀} from one
   J-product pass over all tangents (δ₀'s product computed once per search).
 """
@@ -18,8 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..curvature.factors import KroneckerFactors
-from ..errors import SingularFactorError
 
 
 @dataclass
@@ -48,46 +40,6 @@ class ProposalCache:
     eigs_ready: bool = False
     directions: dict[float, list[torch.Tensor]] = field(default_factory=dict)
     grams: dict[float, tuple] = field(default_factory=dict)
-
-
-@dataclass
-class FactorEig:
-    """A symmetric factor ``E diag(s) Eᵀ``."""
-
-    E: torch.Tensor
-    s: torch.Tensor
-
-
-def factor_eigenbases(factors: KroneckerFactors) -> dict[tuple[str, int], FactorEig]:
-    """Eigendecompositions of the undamped diagonal factors in their own dtype (the model's), keyed
-    ("Ā" | "G", k). Only the search's Δ come from them; the inverse kept is built separately."""
-    out = {}
-    for k in factors.layers:
-        for name, M in (("Ā", factors.A[k, k]), ("G", factors.G[k, k])):
-            s, E = torch.linalg.eigh(0.5 * (M + M.T))
-            out[(name, k)] = FactorEig(E, s)
-    return out
-
-
-def eigenbasis_directions(eigs: dict, factors: KroneckerFactors, grad: Sequence[torch.Tensor],
-                          gammas: Sequence[float], pi) -> list[list[torch.Tensor]]:
-    """Δ_γ = −F̆_γ⁻¹∇h for each γ from one eigendecomposition per factor (``eigs`` from
-    :func:`factor_eigenbases`, or anything with ``E`` and ``s`` per ("Ā" | "G", k)). Raises
-    :class:`SingularFactorError` when a damped factor is not positive definite."""
-    out: list[list[torch.Tensor]] = [[] for _ in gammas]
-    for i, k in enumerate(factors.layers):
-        eA, eG = eigs[("Ā", k)], eigs[("G", k)]
-        p = factors.pi(k, pi)
-        R = eG.E.T @ grad[i] @ eA.E
-        for c, gamma in enumerate(gammas):
-            sA, sG = eA.s + p * gamma, eG.s + gamma / p
-            low = min(float(sA.min()), float(sG.min()))
-            if not low > 0:
-                raise SingularFactorError(
-                    f"the damped factors of layer {k} are not positive definite at γ = {gamma:g} (smallest "
-                    f"eigenvalue {low:.3g}); increase gamma (factored Tikhonov damping, Appendix E.3).")
-            out[c].append(-(eG.E @ (R / torch.outer(sG, sA)) @ eA.E.T))
-    return out
 
 
 def _dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> torch.Tensor:
