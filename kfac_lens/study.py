@@ -24,7 +24,7 @@ from enum import Enum
 import pandas as pd
 import torch
 
-from .curvature.blocks import block_slices
+from .curvature.blocks import block_slices, kron
 from .curvature.compare import direction_errors, error_by_kind
 from .curvature.cumulants import CumulantTerms, cumulant_terms
 from .curvature.factors import KroneckerFactors, check_approx, kronecker_factors
@@ -217,7 +217,13 @@ class CurvatureStudy:
         """Damped F̃: F̃ with ``Ā_kk + πγI`` and ``G_kk + (γ/π)I`` on the diagonal blocks (γ = 0: F̃)."""
         if float(gamma) == 0.0:
             return self.F_tilde
-        return self.damped_factors(gamma).dense()  # not memoised: cheap, and saves a P×P per cached γ
+        # F̃ with its diagonal blocks replaced: the cross blocks are undamped, so they are F̃'s own (not
+        # memoised: one P×P copy, cheaper than kron over every block pair, and saves a P×P per cached γ)
+        damped = self.damped_factors(gamma)
+        M = self.F_tilde.clone()
+        for k, where in zip(self.layers, block_slices(self.sizes)):
+            M[where, where] = kron(damped.A[k, k], damped.G[k, k])
+        return M
 
     def F_tilde_inverse(self, gamma: float) -> torch.Tensor:
         """F̃⁻¹ at damping γ: the exact inverse of the **damped** F̃ (Cholesky)."""

@@ -73,6 +73,10 @@ def test_gamma_dependent_pieces(study):
     g = 0.02
     damped = study.factors.damped(g).dense()
     P = study.n_params
+    # F̃ with its diagonal blocks replaced equals the kron of every damped block pair, also on a sub-study
+    torch.testing.assert_close(study.F_tilde_damped(g), damped, rtol=0, atol=1e-15)
+    sub = study.subset([LAYERS[0], LAYERS[-1]])
+    torch.testing.assert_close(sub.F_tilde_damped(g), study.factors.damped(g).dense(sub.layers), rtol=0, atol=1e-15)
     torch.testing.assert_close(
         study.F_tilde_inverse(g) @ damped, torch.eye(P, dtype=torch.float64), atol=1e-8, rtol=0
     )
