@@ -7,7 +7,7 @@ Layers are 0-based indices of a model's nn.Linear layers; dense matrices use the
 
 from . import curvature
 from .curvature import *  # noqa: F403 — the curvature API (see kfac_lens.curvature.__all__)
-from .errors import DenseTooLargeError, NonFiniteError, SingularFactorError, UnsupportedModelError
+from .errors import DenseTooLargeError, IllConditionedWarning, NonFiniteError, SingularFactorError, UnsupportedModelError
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from .nets import NetworkView, mats_to_vec, vec_to_mats
 from .optim import KFAC
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     *curvature.__all__,
-    "DenseTooLargeError", "NonFiniteError", "SingularFactorError", "UnsupportedModelError",
+    "DenseTooLargeError", "IllConditionedWarning", "NonFiniteError", "SingularFactorError", "UnsupportedModelError",
     "Bernoulli", "Categorical", "Gaussian", "Likelihood", "get_likelihood",
     "NetworkView", "mats_to_vec", "vec_to_mats",
     "KFAC", "Estimator", "FactorApprox", "InverseKind",

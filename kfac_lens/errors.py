@@ -15,6 +15,11 @@ class SingularFactorError(ValueError):
     """A Kronecker factor (or a Schur complement) cannot be inverted at the requested damping."""
 
 
+class IllConditionedWarning(RuntimeWarning):
+    """A factor (or a Schur complement) is invertible, but its inverse kept in its dtype may lose up to two
+    thirds of that dtype's digits (condition number above eps^(-2/3))."""
+
+
 class DenseTooLargeError(ValueError):
     """A dense P×P request would not fit in memory."""
 

@@ -21,6 +21,7 @@ F = mean Jᵀ F_R J, vec column-major so that block (k, l) of F̃ is kron(Ā[k,l
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -313,45 +314,68 @@ def test_a_doubled_output_link_warns_at_construction():
         KFAC(net, "categorical")
 
 
-def ill_conditioned_float32_problem(n=256, seed=0):
-    """A float32 network whose first-layer input has two nearly collinear features, so Ā₀ + πγI has a
-    condition number above float32's limit (1/(100·eps) ≈ 8.4e4) for small γ and below it for large γ."""
+def ill_conditioned_float32_problem(n=256, seed=0, collinear=1e-4):
+    """A float32 network whose first-layer input has two nearly collinear features (exactly collinear for
+    ``collinear=0``), so Ā₀ + πγI has a condition number above float32's limit (1/(100·eps) ≈ 8.4e4) for
+    small γ, above float64's (≈ 4.5e13) for tiny γ, and below both for large γ."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n, 3, generator=g)
-    X = torch.cat([x, x[:, :1] + 1e-4 * torch.randn(n, 1, generator=g)], dim=1) * 30
+    X = torch.cat([x, x[:, :1] + collinear * torch.randn(n, 1, generator=g)], dim=1) * 30
     y = torch.randint(0, 3, (n,), generator=g)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     return net, X, y
 
 
-def refused_in_float32(net, X, gamma) -> bool:
-    f = K.kronecker_factors(net, X, "categorical", dtype=torch.float32)
+def refused_in(net, X, gamma, dtype) -> bool:
+    """Whether the block-diagonal inverse of the float32 model's damped factors, inverted in ``dtype``, is
+    refused (the factors are computed in float32, as K-FAC computes them for this model)."""
+    f = K.kronecker_factors(net, X, "categorical", dtype=torch.float32).to(dtype)
     try:
-        K.block_diagonal_inverse(f, gamma)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", K.IllConditionedWarning)
+            K.block_diagonal_inverse(f, gamma)
     except K.SingularFactorError:
         return True
     return False
 
 
-def float32_threshold(net, X, lo=1e-8, hi=1e3) -> float:
-    """The γ below which float32 cannot invert the damped factors, by bisection on log γ."""
-    assert refused_in_float32(net, X, lo) and not refused_in_float32(net, X, hi)
-    for _ in range(40):
+def refusal_threshold(net, X, dtype, lo, hi=1e3) -> float:
+    """The γ below which ``dtype`` cannot invert the damped float32 factors, by bisection on log γ."""
+    assert refused_in(net, X, lo, dtype) and not refused_in(net, X, hi, dtype)
+    for _ in range(60):
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if refused_in_float32(net, X, mid) else (lo, mid)
+        lo, hi = (mid, hi) if refused_in(net, X, mid, dtype) else (lo, mid)
     return hi
 
 
-def test_gamma_search_leaves_out_candidates_float32_cannot_invert():
+@pytest.mark.parametrize("inverse", ["blockdiag", "tridiag"])
+def test_float32_model_keeps_candidates_only_float64_can_invert(inverse):
+    """A γ candidate too ill-conditioned for a float32 inverse is built in float64 (and applied to the float32
+    gradients), not left out of the search and not warned about (Appendix E.6 keeps every candidate)."""
+    net, X, y = ill_conditioned_float32_problem()
+    gamma = 0.5 * refusal_threshold(net, X, torch.float32, 1e-8)
+    assert refused_in(net, X, gamma, torch.float32) and not refused_in(net, X, gamma, torch.float64)
+    opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, adapt_gamma=False, T3=1,
+               curvature_estimator="exact", tau1=1.0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # neither "left out", "γ raised" nor "nearly singular"
+        for _ in range(3):
+            stats = opt.step(X, y)
+    assert stats["gamma"] == gamma  # not raised to float32's limit
+    assert opt.inverse.A_inv[0].dtype == torch.float64
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_gamma_search_leaves_out_candidates_float64_cannot_invert():
     """(Block-tridiagonal; the block-diagonal search builds every candidate's inverse the same way.)"""
     inverse = "tridiag"
-    net, X, y = ill_conditioned_float32_problem()
+    net, X, y = ill_conditioned_float32_problem(collinear=0.0)
     omega2 = 0.5
-    threshold = float32_threshold(net, X)
-    # a γ that float32 can invert, whose ω₂γ candidate it cannot (checked here, independently of KFAC)
+    threshold = refusal_threshold(net, X, torch.float64, 1e-20)
+    # a γ that float64 can invert, whose ω₂γ candidate it cannot (checked here, independently of KFAC)
     gamma = 1.05 * threshold
-    assert not refused_in_float32(net, X, gamma) and refused_in_float32(net, X, omega2 * gamma)
+    assert not refused_in(net, X, gamma, torch.float64) and refused_in(net, X, omega2 * gamma, torch.float64)
     opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, T2=1, T3=1, omega2=omega2,
                curvature_estimator="exact", tau1=1.0, seed=0)
     with pytest.warns(RuntimeWarning, match="left out of the γ search"):
@@ -362,9 +386,9 @@ def test_gamma_search_leaves_out_candidates_float32_cannot_invert():
 
 @pytest.mark.parametrize("inverse", ["blockdiag", "tridiag"])
 def test_gamma_is_raised_when_no_candidate_can_be_inverted(inverse):
-    net, X, y = ill_conditioned_float32_problem()
-    gamma, omega2 = 1e-6, math.sqrt(19 / 20) ** 20
-    threshold = float32_threshold(net, X)
+    net, X, y = ill_conditioned_float32_problem(collinear=0.0)
+    threshold = refusal_threshold(net, X, torch.float64, 1e-20)
+    gamma, omega2 = threshold / 1e3, math.sqrt(19 / 20) ** 20
     expected = gamma * omega2 ** -math.ceil(math.log(threshold / gamma) / math.log(1 / omega2))
     opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, adapt_gamma=False,
                curvature_estimator="exact", tau1=1.0, seed=0)

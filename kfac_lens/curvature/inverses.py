@@ -166,12 +166,17 @@ class BlockDiagonalInverse(BlockOperator):
                     out.append(PDFactor(table[k, k], name, self.gamma == 0, dtype, work).inv().to(dtype))
 
     def apply_block(self, i, V):
-        return self.G_inv[i] @ V @ self.A_inv[i]
+        """``G⁻¹ V Ā⁻¹``, computed in the inverse's dtype and returned in V's (a float64 inverse serves a
+        float32 model, see :func:`~kfac_lens.optim.kfac.KFAC`)."""
+        G_inv, A_inv = self.G_inv[i], self.A_inv[i]
+        return (G_inv @ V.to(G_inv.dtype) @ A_inv).to(V.dtype)
 
     def apply_low_rank(self, i: int, g_cols: torch.Tensor, a_rows: torch.Tensor, scale: float) -> torch.Tensor:
         """Appendix G's low-rank trick for a gradient ``scale · g_cols a_rows`` (g_cols d×m, a_rows m×a_dim):
         ``U = scale · (G⁻¹ g_cols)(a_rows Ā⁻¹)`` costs O(d²m) instead of O(d³)."""
-        return (self.G_inv[i] @ g_cols) @ (a_rows @ self.A_inv[i]) * scale
+        G_inv, A_inv = self.G_inv[i], self.A_inv[i]
+        U = (G_inv @ g_cols.to(G_inv.dtype)) @ (a_rows.to(A_inv.dtype) @ A_inv) * scale
+        return U.to(g_cols.dtype)
 
     def dense_block(self, i):
         return kron(self.A_inv[i], self.G_inv[i])
@@ -254,7 +259,11 @@ class BlockTridiagonalInverse(BlockOperator):
         return out + [self.G_inv[-1] @ V[-1] @ self.A_inv[-1]]
 
     def apply(self, mats):
-        return self._xi_t(self._lambda(self._xi(self._check(mats))))
+        """Ξᵀ Λ Ξ applied in the operator's dtype; results in the inputs' dtypes."""
+        mats = self._check(mats)
+        dtype = self.A_inv[0].dtype
+        out = self._xi_t(self._lambda(self._xi([V.to(dtype) for V in mats])))
+        return [U.to(V.dtype) for U, V in zip(out, mats)]
 
     def dense(self, max_bytes=None) -> torch.Tensor:
         """Ξᵀ Λ Ξ assembled block by block from explicit Kronecker products (independent of :meth:`apply`).

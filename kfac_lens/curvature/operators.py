@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import SingularFactorError
+from ..errors import IllConditionedWarning, SingularFactorError
 from ..memory import check_dense_fits
 from ..nets import mats_to_vec, vec_to_mats
 
@@ -46,8 +46,8 @@ def check_condition(kappa: float, name: str, dtype: torch.dtype, how: str = "",
                     way_out: str = "Increase gamma (factored Tikhonov damping, Appendix E.3).") -> float:
     """The one rule for factors and Schur complements (Sections 3.2, 3.3, Appendix I): raise
     :class:`SingularFactorError` when κ is not finite (not positive definite) or above
-    ``cond_limits(dtype)[1]``; warn (``RuntimeWarning``) above ``cond_limits(dtype)[0]``. ``how``: how κ
-    was measured; ``way_out`` ends both messages."""
+    ``cond_limits(dtype)[1]``; warn (:class:`~kfac_lens.errors.IllConditionedWarning`, a ``RuntimeWarning``)
+    above ``cond_limits(dtype)[0]``. ``how``: how κ was measured; ``way_out`` ends both messages."""
     warn_at, refuse_at = cond_limits(dtype)
     what = f"condition number {kappa:.3g}" if math.isfinite(kappa) else "condition number ∞"
     what += f" ({how})" if how else ""
@@ -61,7 +61,7 @@ def check_condition(kappa: float, name: str, dtype: torch.dtype, how: str = "",
         warnings.warn(
             f"{name} is nearly singular: {what}, above {warn_at:.2g} = eps^(-2/3) of {dtype}, so its inverse "
             f"may be off by up to ~{kappa * torch.finfo(dtype).eps:.1g} (relative). {way_out}",
-            RuntimeWarning, stacklevel=_outside_package_stacklevel())
+            IllConditionedWarning, stacklevel=_outside_package_stacklevel())
     return kappa
 
 

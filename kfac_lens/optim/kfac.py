@@ -31,7 +31,7 @@ from ..capture import check_inputs, warn_if_link_applied_twice
 from ..curvature.factors import KroneckerFactors
 from ..curvature.inverses import BlockDiagonalInverse, make_inverse
 from ..distributed import CaseShards, rank_seed
-from ..errors import SingularFactorError
+from ..errors import IllConditionedWarning, SingularFactorError
 from ..likelihoods import get_likelihood
 from ..options import Estimator, InverseKind, parse
 from .dropin import BatchRecorder, recorded_pass, torch_loss
@@ -194,8 +194,20 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
             self.factors.ema_(new, ema_decay(k, self.hyper.at(k).eps_max))
 
     def _build_inverse(self, gamma: float, factors: KroneckerFactors | None = None, eigs=None, pi=None):
-        return make_inverse(self.inverse_kind, self.factors if factors is None else factors, gamma,
-                            pi=self.hyper.at(self.k).pi if pi is None else pi, eigs=eigs)
+        """The damped inverse (Sections 3.2-3.3, Appendix E.3), in the model's dtype when every damped factor and
+        Schur complement is well enough conditioned for it, else built again in float64 (and applied in
+        float64 to the model's gradients): a float32 model at small γ keeps every γ candidate and warns of
+        nothing; only a factor too ill-conditioned for float64 too is refused (SingularFactorError)."""
+        factors = self.factors if factors is None else factors
+        pi = self.hyper.at(self.k).pi if pi is None else pi
+        if factors.dtype == torch.float64:
+            return make_inverse(self.inverse_kind, factors, gamma, pi=pi, eigs=eigs)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", IllConditionedWarning)
+                return make_inverse(self.inverse_kind, factors, gamma, pi=pi, eigs=eigs)
+        except (IllConditionedWarning, SingularFactorError):
+            return make_inverse(self.inverse_kind, factors.to(torch.float64), gamma, pi=pi)
 
     def _proposal_direction(self, inv, grad, batch: GradientPass, params, eta, m) -> list[torch.Tensor]:
         """Δ = −F̃⁻¹∇h, using Appendix G's low-rank form where it is cheaper (block-diagonal only)."""
@@ -219,7 +231,7 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
         """Δ for each γ candidate at an inverse refresh, and a function giving the live inverse of candidate c:
         one inverse per candidate (Algorithm 2's loop over Γ; by Cholesky, cheaper for the block-diagonal F̆
         than one eigendecomposition of every factor shared by the candidates), the candidates that cannot be
-        inverted in the model's dtype left out (E.6). Returns (candidates, Δs, live inverse of c)."""
+        inverted even in float64 left out (E.6). Returns (candidates, Δs, live inverse of c)."""
         built = [(g, self._try_inverse(g, pi)) for g in candidates]
         built = [(g, inv) for g, inv in built if inv is not None] or [self._raise_gamma(max(candidates), pi)]
         candidates, invs = [g for g, _ in built], [inv for _, inv in built]
@@ -228,8 +240,7 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
 
     def _try_inverse(self, gamma: float, pi):
         """The inverse at ``gamma``, or None (and a warning) when a damped factor is too ill-conditioned to
-        invert in the model's dtype: such a γ is left out of the search (Appendix E.6) instead of ending
-        the run."""
+        invert even in float64: such a γ is left out of the search (Appendix E.6) instead of ending the run."""
         try:
             return self._build_inverse(gamma, pi=pi)
         except SingularFactorError as exc:
@@ -247,7 +258,8 @@ class KFAC(ProposalAnalysis, KFACCheckpoint, torch.optim.Optimizer):
             except SingularFactorError:
                 continue
             warnings.warn(f"K-FAC iteration {self.k}: γ raised to {gamma:.4g}, the smallest value on the ω₂ grid "
-                          f"at which every damped factor can be inverted in {self.view.dtype}.",
+                          "at which every damped factor can be inverted (in float64 where the model's dtype "
+                          "cannot).",
                           RuntimeWarning, stacklevel=2)
             return gamma, inv
         return gamma, self._build_inverse(gamma, pi=pi)  # raises SingularFactorError with its diagnosis
