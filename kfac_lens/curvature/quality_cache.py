@@ -35,7 +35,7 @@ class ApproximationQuality:
 
     ``model``, ``X``, ``likelihood``, ``y`` (for ``ng_cosine``; None leaves it NaN), ``layers`` (the pool
     the subsets come from; default all), ``approximations`` (names of
-    :class:`~kfac_lens.curvature.approximations.Approximation`), ``pi`` and ``neighbours`` as in
+    :class:`~kfac_lens.curvature.approximation_names.Approximation`), ``pi`` and ``neighbours`` as in
     :func:`~kfac_lens.compare_approximations`. Subsets with more than ``max_params`` parameters are refused
     (ValueError naming ``layers``)."""
 
