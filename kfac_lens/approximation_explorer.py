@@ -61,7 +61,7 @@ class ApproximationExplorer(GammaLayerControls, Explorer):
                                              step=0.05, description="γ", continuous_update=False,
                                              readout_format=".3g")
         self.approx_select = W.SelectMultiple(options=names, value=tuple(shown) or (names[0],),
-                                              description="approx.", rows=min(len(names), 6))
+                                              description="approx.", rows=min(len(names), 7))
         self.layer_select = W.SelectMultiple(options=[(f"{layer_label(k)} (layer {k})", k)
                                                       for k in self.quality.layers],
                                              value=tuple(self.quality.layers), description="layers",

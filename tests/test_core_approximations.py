@@ -50,6 +50,8 @@ def oracle_approximation(name, F, A, G, sel, szs):
         "ekfac": O.ekfac_dense(F, A, G, sel, szs),
         "diagonal": O.fisher_diagonal(F),
         "blockdiag-exact": O.exact_block_diagonal(F, szs),
+        # KFAC-reduce factors with U = 1 use per case (every layer of these chains) are the factors themselves
+        "kfac-reduce": O.exact_block_diagonal(Ft, szs),
     }[name]
 
 
@@ -72,7 +74,8 @@ def oracle_damped(F, A, G, Ad, Gd, sel, szs, gamma):
             "kfac-tridiag": torch.linalg.inv(O.tridiag_inverse(Ad, Gd, sel)),
             "ekfac": O.ekfac_dense(F, A, G, sel, szs) + gamma ** 2 * eye,
             "diagonal": O.fisher_diagonal(F) + gamma ** 2 * eye,
-            "blockdiag-exact": O.exact_block_diagonal(F, szs) + gamma ** 2 * eye}
+            "blockdiag-exact": O.exact_block_diagonal(F, szs) + gamma ** 2 * eye,
+            "kfac-reduce": O.exact_block_diagonal(Ft, szs)}  # U = 1 use per case: F̆ (factored Tikhonov)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

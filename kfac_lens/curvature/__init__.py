@@ -15,6 +15,7 @@ from .approximations import (
                      EigenvalueCorrectedKronecker,
                      ExactBlockDiagonal,
                      KroneckerFisher,
+                     ReduceBlockDiagonalKronecker,
                      approximation_operator,
                      build_approximations,
 )
@@ -61,6 +62,7 @@ __all__ = [
                      "KroneckerSumInverse",
                      "LanczosResult",
                      "RatioEstimate",
+                     "ReduceBlockDiagonalKronecker",
                      "approximation_operator",
                      "block_diagonal_inverse",
                      "block_errors",

@@ -19,6 +19,7 @@ class Approximation(str, Enum):
     EKFAC = "ekfac"
     DIAGONAL = "diagonal"
     BLOCKDIAG_EXACT = "blockdiag-exact"
+    KFAC_REDUCE = "kfac-reduce"
 
     def __str__(self) -> str:
         return self.value

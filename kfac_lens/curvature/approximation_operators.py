@@ -2,7 +2,8 @@
 ``damped(gamma)`` and, where it is cheap, ``inverse()``.
 
 - :class:`KroneckerFisher`: F̃, every block ``Ā_kl ⊗ G_kl`` (K-FAC, Martens & Grosse 2015, Section 3);
-- :class:`BlockDiagonalKronecker`: F̆, its diagonal blocks (Section 3.2);
+- :class:`BlockDiagonalKronecker`: F̆, its diagonal blocks (Section 3.2), and :class:`ReduceBlockDiagonalKronecker`,
+  F̆ from KFAC-reduce factors for layers used several times per case (Eschenhagen et al. 2023);
 - :class:`BlockTridiagonalKronecker`: F̂, the Gaussian chain that agrees with F̃ on the tridiagonal blocks
   (Section 3.3);
 - :class:`EigenvalueCorrectedKronecker`: EK-FAC (George et al. 2018), F̆'s Kronecker eigenbasis with the
@@ -133,6 +134,19 @@ class BlockDiagonalKronecker(KroneckerPairs):
 
     def inverse(self):
         return BlockDiagonalInverse(self.base, self.gamma, self.layers, self.pi)
+
+
+class ReduceBlockDiagonalKronecker(BlockDiagonalKronecker):
+    """F̆ (Section 3.2) from KFAC-reduce factors (Eschenhagen et al. 2023): for a layer with U uses per case,
+    ``A = E_n[â âᵀ]`` with ``â = (1/U) Σ_u ā_u`` and ``G = E_n[w Σ_r (Σ_u g_u)(Σ_u g_u)ᵀ]`` (docs/math.md §3);
+    for a layer used once per case it is :class:`BlockDiagonalKronecker`. ``factors`` must be reduce factors
+    (:func:`~kfac_lens.curvature.factors.compute_factors` with ``approx="reduce"``); damped by factored
+    Tikhonov, inverse :class:`BlockDiagonalInverse`."""
+
+    kind = Approximation.KFAC_REDUCE
+
+    def damped(self, gamma):
+        return ReduceBlockDiagonalKronecker(self.base, gamma, self.pi, self.layers)
 
 
 class BlockTridiagonalKronecker(KroneckerPairs):

@@ -4,7 +4,8 @@ and ``.dense()``; the classes are in :mod:`~kfac_lens.curvature.approximation_op
 
 Names (:class:`Approximation`): ``"kfac"`` F̃ with every cross-layer block (Section 3), ``"kfac-blockdiag"``
 F̆ (Section 3.2), ``"kfac-tridiag"`` F̂ (Section 3.3), ``"ekfac"`` eigenvalue-corrected K-FAC (George et al.
-2018), ``"diagonal"`` diag(F) and ``"blockdiag-exact"`` the exact diagonal blocks F_kk. Each operator
+2018), ``"diagonal"`` diag(F), ``"blockdiag-exact"`` the exact diagonal blocks F_kk and ``"kfac-reduce"`` F̆
+from KFAC-reduce factors (Eschenhagen et al. 2023; F̆ itself where every layer is used once per case). Each operator
 has ``damped(gamma)`` and, where it is cheap, ``inverse()``. Damping: the Kronecker approximations use
 factored Tikhonov (Appendix E.3) exactly as the inverse operators do; the others add ``γ² I`` (the
 isotropic part of factored Tikhonov, see :func:`~kfac_lens.curvature.quality.compare_approximations`).
@@ -35,11 +36,12 @@ from .approximation_operators import (
     EigenvalueCorrectedKronecker,
     ExactBlockDiagonal,
     KroneckerFisher,
+    ReduceBlockDiagonalKronecker,
 )
 # re-exported: these operators were defined here before approximation_operators was split off
 from .approximation_operators import DenseBlocks, EigenbasisScaling, KroneckerPairs, Scaling  # noqa: F401
 from .damping import check_gamma
-from .factors import KroneckerFactors
+from .factors import KroneckerFactors, compute_factors
 from .output_fisher import capped_chunk, chain_statistics, exact_factors, supports_output_fisher
 
 
@@ -99,6 +101,9 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
     for name in names:
         if name in makers:
             ops[name] = makers[name]()
+    if Approximation.KFAC_REDUCE in names:
+        ops[Approximation.KFAC_REDUCE] = ReduceBlockDiagonalKronecker(
+            reduce_factors(view, X, lik, sel, factors, chunk_size, shards), 0.0, pi, sel)
     wanted = {Approximation.EKFAC, Approximation.DIAGONAL, Approximation.BLOCKDIAG_EXACT} & set(names) - set(ops)
     keep = Approximation.BLOCKDIAG_EXACT in wanted
     eig = {k: (_eigenbasis(factors.A[k, k]), _eigenbasis(factors.G[k, k])) for k in sel} if wanted else {}
@@ -145,6 +150,19 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
     return {name: ops[name] for name in names}
 
 
+def reduce_factors(view, X, likelihood, layers: Sequence[int], factors: KroneckerFactors, chunk_size=None,
+                   shards: CaseShards | None = None) -> KroneckerFactors:
+    """The KFAC-reduce factors (Eschenhagen et al. 2023) of "kfac-reduce", exact over y: ``factors`` itself when
+    every layer in ``layers`` is used once per case (reduce and expand then coincide), else the diagonal pairs
+    computed with ``approx="reduce"`` over the captures (``shards``: every rank's cases)."""
+    uses = layer_uses(view, X)
+    if all(uses[k] == 1 for k in layers):
+        return factors
+    active = shards is not None and shards.active
+    return compute_factors(view, X, likelihood, list(layers), "exact", pairs="diag", chunk_size=chunk_size,
+                           approx="reduce", shards=shards if active else None)
+
+
 def _accumulate_uses(k, a, g, weight, wanted, eig, diag, scal) -> None:
     """diag(F) and the EK-FAC scaling of a layer with U uses per case, from its per-case gradients
     Σ_u g_{r,u} ā_uᵀ (no Kronecker shortcut; docs/math.md §1)."""
@@ -172,8 +190,8 @@ def factor_pairs(view, layers: Sequence[int], names, X=None) -> str:
                 f"approximations: '{str(name)}' needs the cross factors A[{k}, {l}] of layers '{Lk.name}' and "
                 f"'{Ll.name}', which have {uses[k]} and {uses[l]} uses per case (a convolution's positions, tied or "
                 "sequence layers); KFAC-expand defines cross factors only between layers with equal uses. Use "
-                "'kfac-blockdiag', 'ekfac', 'diagonal' or 'blockdiag-exact' for this network, or restrict layers= "
-                "to layers with equal uses.")
+                "'kfac-blockdiag', 'kfac-reduce', 'ekfac', 'diagonal' or 'blockdiag-exact' for this network, or "
+                "restrict layers= to layers with equal uses.")
     if Approximation.KFAC in names:
         return "all"
     return "diag" if any(uses[k] != uses[l] for k, l in neighbours) else "tridiag"
@@ -190,6 +208,7 @@ def approximation_operator(name, model, X, likelihood, gamma: float = 0.0, layer
 
 def damping_summary(kind: Approximation) -> str:
     """How γ damps ``kind`` (for tables and messages)."""
-    if kind in (Approximation.KFAC, Approximation.KFAC_BLOCKDIAG, Approximation.KFAC_TRIDIAG):
+    if kind in (Approximation.KFAC, Approximation.KFAC_BLOCKDIAG, Approximation.KFAC_TRIDIAG,
+                Approximation.KFAC_REDUCE):
         return "factored Tikhonov (Ā + πγI, G + γ/π I)"
     return "+ γ² I"

@@ -7,8 +7,8 @@ Definitions (all in float64, exact expectation over y throughout):
 - ``ng_cosine``: cosine between ``(F_a,γ)⁻¹∇h`` and the exact damped natural gradient ``(F + γ²I)⁻¹∇h``,
   as :meth:`~kfac_lens.study.CurvatureStudy.exact_natural_gradient` defines it: factored Tikhonov with
   strength γ (Appendix E.3) adds ``πγ I⊗G + (γ/π) Ā⊗I + γ² I`` to a Kronecker block, whose isotropic part
-  is γ²I. F_a,γ is factored Tikhonov for "kfac", "kfac-blockdiag", "kfac-tridiag" (as the inverse
-  operators do) and F_a + γ²I for "ekfac", "diagonal", "blockdiag-exact". ∇h is the gradient of the mean
+  is γ²I. F_a,γ is factored Tikhonov for "kfac", "kfac-blockdiag", "kfac-tridiag", "kfac-reduce" (as the
+  inverse operators do) and F_a + γ²I for "ekfac", "diagonal", "blockdiag-exact". ∇h is the gradient of the mean
   loss on the targets ``y``; without ``y`` (or without ``gamma``) the column is NaN.
 - ``top_eigs_F``: the largest ``top_k`` eigenvalues of F (undamped).
 - ``top_eigs_precond`` and ``precond_cond``: the largest eigenvalues and the condition number of the
@@ -26,8 +26,8 @@ and with the operators of :mod:`~kfac_lens.curvature.approximations`:
    estimated from pairs of probes (:func:`~kfac_lens.curvature.estimators.ratio_estimate`). All
    approximations share the same F-products.
 3. With γ and y: the exact damped natural gradient by CG on F + γ²I preconditioned by F̂_γ⁻¹ (F̆_γ⁻¹ when
-   the layers are not consecutive). Approximate directions use the cheap inverses (F̆⁻¹, F̂⁻¹, EK-FAC,
-   diagonal) or CG on cheap products ("kfac", "blockdiag-exact").
+   the layers are not consecutive). Approximate directions use the cheap inverses (F̆⁻¹, F̂⁻¹, "kfac-reduce"'s
+   F̆⁻¹, EK-FAC, diagonal) or CG on cheap products ("kfac", "blockdiag-exact").
 4. With γ: for each approximation in ``spectra``, generalized Lanczos on ``(F + γ²I) x = λ M x`` in the
    M-inner product (M = F_a,γ; only M⁻¹ is applied, no M^{-1/2} is needed), from a random start.
    ``precond_cond`` is θ_max/θ_min of the Ritz values, a lower bound that is exact once the extreme values

@@ -31,15 +31,21 @@ STYLES = {
     "ekfac": dict(color="C3", ls="--", marker="D"),
     "diagonal": dict(color="C4", ls="--", marker="v"),
     "blockdiag-exact": dict(color="C5", ls=":", marker="x"),
+    "kfac-reduce": dict(color="C6", ls="-.", marker="P"),
 }
+
+#: The figure's default approximations: every one but "kfac-reduce", which is "kfac-blockdiag" itself on the
+#: MLPs the figure examines (every layer used once per case) and would only hide its line.
+FIGURE_APPROXIMATIONS = tuple(a for a in APPROXIMATIONS if a != "kfac-reduce")
 
 
 def approximation_history(entry, X, y, likelihood: str, *, layers=None, gamma: float | None = None,
-                          approximations: Sequence[str] = APPROXIMATIONS, iterations=None,
+                          approximations: Sequence[str] = FIGURE_APPROXIMATIONS, iterations=None,
                           progress: bool = False) -> pd.DataFrame:
     """:func:`~kfac_lens.compare_approximations` (dense) of the zoo network ``entry`` at each of ``iterations``
     (default: every stored one), on the cases X (targets y for the natural-gradient cosine), at damping
-    ``gamma`` (default: the γ K-FAC held at the captured iteration). One row per (iteration, approximation)."""
+    ``gamma`` (default: the γ K-FAC held at the captured iteration), for ``approximations`` (default
+    ``FIGURE_APPROXIMATIONS``: all but "kfac-reduce"). One row per (iteration, approximation)."""
     stored = sorted(set(entry.snapshot_iterations) | {entry.iteration})
     iterations = stored if iterations is None else [int(i) for i in iterations]
     bad = [i for i in iterations if i not in stored]
