@@ -306,12 +306,37 @@ def test_output_fisher_statistics_match_the_capture_path(family):
                 assert O.rel(st.diagonal[i], diag.undamped[i]) < TOL and O.rel(st.ekfac[i], ekfac.undamped[i]) < TOL
 
 
+def force_path(monkeypatch, path: str) -> list:
+    """Make build_approximations and exact_factors take ``path`` on chains; returns the list that records each
+    call of chain_statistics (the output-Fisher pass)."""
+    import kfac_lens.curvature.approximations as approximations_module
+    import kfac_lens.curvature.output_fisher as output_fisher_module
+
+    calls = []
+    real = output_fisher_module.chain_statistics
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    def forced(view, layers, ekfac=False):
+        return path == "output-fisher" and output_fisher_module.supports_output_fisher(view)
+
+    for module in (approximations_module, output_fisher_module):
+        monkeypatch.setattr(module, "output_fisher_is_cheaper", forced)
+        monkeypatch.setattr(module, "chain_statistics", spy)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["output-fisher", "capture"])
 @pytest.mark.parametrize("family", ["bernoulli", "categorical"])
-def test_output_fisher_path_matches_oracle_and_capture_path_for_compare(family):
-    """compare_approximations (which now takes the output-Fisher path on a chain) equals the oracle's values and
-    the capture path's (the same network read through a probe pass)."""
+def test_output_fisher_path_matches_oracle_and_capture_path_for_compare(family, path, monkeypatch):
+    """compare_approximations on a chain, through the output-Fisher pass or the capture pass (whichever
+    output_fisher_is_cheaper would pick, both are forced here), equals the oracle's values and those of the
+    same network read through a probe pass (always the captures)."""
     from kfac_lens.nets import NetworkView
 
+    calls = force_path(monkeypatch, path)
     net, X, _ = O.problem("d4", family)
     sel = O.all_layers(net)
     F, A, G, szs = oracle_parts(net, X, family, sel)
@@ -324,6 +349,28 @@ def test_output_fisher_path_matches_oracle_and_capture_path_for_compare(family):
         rel = float((F - ref).norm() / F.norm())
         assert chain.loc[name, "rel_frobenius"] == pytest.approx(rel, rel=TOL)
         assert chain.loc[name, "rel_frobenius"] == pytest.approx(probed.loc[name, "rel_frobenius"], rel=TOL)
+    assert bool(calls) == (path == "output-fisher")
+
+
+def test_output_fisher_pass_is_chosen_where_it_is_cheaper():
+    """The cost model: an autoencoder (R = 784 directions) propagates the output Fisher; a wide classifier
+    (R = 10) keeps the captures, whose R·P multiply-adds are ~50x fewer than Σ d²a there. Also timed: on
+    784-1000-1000-10 at N = 500, build_approximations took 177 s through the output Fisher, 2 s now."""
+    from kfac_lens.capture import analysis_view
+    from kfac_lens.curvature.output_fisher import output_fisher_is_cheaper
+
+    def chain(sizes):
+        mods = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            mods += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+        return analysis_view(torch.nn.Sequential(*mods[:-1]), torch.float64)
+
+    autoencoder = chain([784, 250, 100, 30, 100, 250, 784])
+    classifier = chain([784, 1000, 1000, 10])
+    assert output_fisher_is_cheaper(autoencoder, list(range(6)))
+    assert output_fisher_is_cheaper(autoencoder, list(range(6)), ekfac=True)
+    assert not output_fisher_is_cheaper(classifier, [0, 1, 2])
+    assert not output_fisher_is_cheaper(classifier, [0, 1, 2], ekfac=True)
 
 
 def test_output_fisher_path_is_only_taken_where_exact():

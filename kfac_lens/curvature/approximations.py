@@ -10,8 +10,8 @@ has ``damped(gamma)`` and, where it is cheap, ``inverse()``. Damping: the Kronec
 factored Tikhonov (Appendix E.3) exactly as the inverse operators do; the others add ``γ² I`` (the
 isotropic part of factored Tikhonov, see :func:`~kfac_lens.curvature.quality.compare_approximations`).
 
-The EK-FAC scaling, diag(F) and F_kk are exact over y: by :mod:`.output_fisher` for a Linear chain, else
-from the capture (square-root directions r of F_R, weight w): for layer k,
+The EK-FAC scaling, diag(F) and F_kk are exact over y: by :mod:`.output_fisher` for a Linear chain where
+that is cheaper (:func:`~kfac_lens.curvature.output_fisher.output_fisher_is_cheaper`), else from the capture (square-root directions r of F_R, weight w): for layer k,
 ``F_kk = (w/N) Σ_n Σ_r vec(g_r āᵀ) vec(g_r āᵀ)ᵀ``, ``diag = (w/N) Σ_n (Σ_r g_r²)(ā²)ᵀ`` and, in the
 eigenbases Q_A, Q_G of Ā_kk, G_kk, ``S = (w/N) Σ_n (Σ_r (Q_Gᵀ g_r)²)((Q_Aᵀ ā)²)ᵀ`` — never forming F.
 """
@@ -42,7 +42,7 @@ from .approximation_operators import (
 from .approximation_operators import DenseBlocks, EigenbasisScaling, KroneckerPairs, Scaling  # noqa: F401
 from .damping import check_gamma
 from .factors import KroneckerFactors, compute_factors
-from .output_fisher import capped_chunk, chain_statistics, exact_factors, supports_output_fisher
+from .output_fisher import capped_chunk, chain_statistics, exact_factors, output_fisher_is_cheaper
 
 
 # ----------------------------------------------------------------------------- building them
@@ -71,8 +71,8 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
                          distributed=None, diagonal=None) -> dict[Approximation, CurvatureApproximation]:
     """The undamped operators of ``approximations`` for ``model`` on X, in float64, sharing one set of
     Kronecker factors (exact expectation; pass ``factors`` to reuse some, ``diagonal`` diag(F) per layer) and
-    one more pass for diag(F) and EK-FAC: over the output Fisher for a Linear chain (:mod:`.output_fisher`),
-    else over the captures.
+    one more pass for diag(F) and EK-FAC: over the output Fisher for a Linear chain where that is cheaper
+    (:func:`~kfac_lens.curvature.output_fisher.output_fisher_is_cheaper`), else over the captures.
 
     "blockdiag-exact" keeps the captures: see :func:`check_capture_memory` (``max_capture_bytes``).
     ``distributed``: X is this rank's shard and every operator is that of all ranks' cases; "blockdiag-exact"
@@ -107,7 +107,8 @@ def build_approximations(model, X, likelihood, approximations=APPROXIMATIONS, la
     wanted = {Approximation.EKFAC, Approximation.DIAGONAL, Approximation.BLOCKDIAG_EXACT} & set(names) - set(ops)
     keep = Approximation.BLOCKDIAG_EXACT in wanted
     eig = {k: (_eigenbasis(factors.A[k, k]), _eigenbasis(factors.G[k, k])) for k in sel} if wanted else {}
-    if wanted and not keep and supports_output_fisher(view):  # one pass over the output Fisher, no captures
+    if wanted and not keep and output_fisher_is_cheaper(view, sel, ekfac=Approximation.EKFAC in wanted):
+        # one pass over the output Fisher, no captures
         st = chain_statistics(view, X, lik, sel, pairs=None, diagonal=Approximation.DIAGONAL in wanted,
                               eigenbases=eig if Approximation.EKFAC in wanted else None, shards=shards if
                               shards.active else None, chunk_size=capped_chunk(view, lik, sel, chunk_size))
