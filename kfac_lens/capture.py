@@ -370,6 +370,14 @@ def n_directions(view: NetworkView, estimator: str, samples: int) -> int:
     return samples if estimator == "mc" else 1
 
 
+def chunk_starts(n_cases: int, chunk_size: int, progress: bool | None = None, desc: str = "capture"):
+    """The first case of each chunk, behind a progress bar: automatic (shown for more than 4 chunks unless
+    ``KFAC_LENS_QUIET`` is set, as the CLI's ``--quiet`` does), or forced on/off by ``progress``."""
+    n_chunks = math.ceil(n_cases / chunk_size)
+    show = (n_chunks > 4 and not os.environ.get("KFAC_LENS_QUIET")) if progress is None else bool(progress)
+    return tqdm(range(0, n_cases, chunk_size), total=n_chunks, desc=desc, disable=not show, leave=False)
+
+
 def iter_captures(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int],
                   estimator: str = "exact", y: torch.Tensor | None = None, samples: int = 1,
                   generator: torch.Generator | None = None, chunk_size: int | None = None,
@@ -381,10 +389,7 @@ def iter_captures(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, la
         chunk_size = default_chunk(view, n_directions(view, estimator, samples), extra_per_case,
                                    uses=layer_uses(view, X))
     chunk_size = positive_int(chunk_size, "chunk_size", "a number of cases per chunk, or None for automatic")
-    n_chunks = math.ceil(N / chunk_size)
-    # Automatic bars for long captures, unless KFAC_LENS_QUIET is set (the CLI's --quiet sets it).
-    show = (n_chunks > 4 and not os.environ.get("KFAC_LENS_QUIET")) if progress is None else bool(progress)
-    for start in tqdm(range(0, N, chunk_size), total=n_chunks, desc=desc, disable=not show, leave=False):
+    for start in chunk_starts(N, chunk_size, progress, desc):
         sl = slice(start, start + chunk_size)
         yield capture(view, X[sl], likelihood, layers, estimator,
                       None if y is None else y[sl], samples, generator)

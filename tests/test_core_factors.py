@@ -194,3 +194,24 @@ def test_kron_accepts_non_contiguous_factors():
     ref = torch.stack([torch.stack([A[i, j] * B.T for j in range(3)], 0) for i in range(3)], 0)
     ref = ref.permute(0, 2, 1, 3).reshape(3 * 2, 3 * 4)
     assert torch.equal(kron(A, B.T), ref)
+
+
+@pytest.mark.parametrize("family", ["bernoulli", "gaussian"])
+def test_exact_factors_of_an_autoencoder_take_the_output_fisher_pass(family):
+    """On an autoencoder-shaped chain (wide output, narrow middle) kronecker_factors propagates the output
+    Fisher instead of capturing R = 12 directions per case (curvature/output_fisher.py); the factors are
+    still the definition's, every pair, also for a subset of layers and with chunks."""
+    from kfac_lens.capture import analysis_view
+    from kfac_lens.curvature.output_fisher import output_fisher_is_cheaper
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2), torch.nn.Sigmoid(),
+                              torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 12)).double()
+    X = O.make_inputs(net, 9, seed=4)
+    for layers in (None, [1, 3]):
+        sel = O.all_layers(net, layers)
+        assert output_fisher_is_cheaper(analysis_view(net, torch.float64), sel)
+        f = kronecker_factors(net, X, family, layers=layers, chunk_size=4)
+        A, G = O.kronecker_factors(net, X, family, sel)
+        assert f.n_cases == 9 and f.estimator == "exact"
+        assert_factors_equal(f, A, G, sel)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import n_directions
+from ..capture import chunk_starts, n_directions
 from ..distributed import CaseShards
 from ..likelihoods import Likelihood
 from ..nets import NetworkView
@@ -144,12 +144,14 @@ def default_chunk(view: NetworkView, likelihood: Likelihood, layers: Sequence[in
 
 def chain_statistics(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int], *,
                      pairs: str | None = "tridiag", diagonal: bool = False, eigenbases=None,
-                     chunk_size: int | None = None, shards: CaseShards | None = None) -> ChainStatistics:
+                     chunk_size: int | None = None, shards: CaseShards | None = None,
+                     progress: bool | None = None) -> ChainStatistics:
     """One pass over X (already checked) propagating M_k (module docstring) for the selected ``layers``.
 
     ``pairs``: the Kronecker factor pairs (:func:`~kfac_lens.curvature.factors.pair_list`), or None for no
     factors; ``diagonal``: diag(F) per layer; ``eigenbases``: ``{k: (Q_A, Q_G)}`` for EK-FAC's scaling. All
-    exact over y, in the view's dtype; with ``shards`` the sums are over every rank's cases."""
+    exact over y, in the view's dtype; with ``shards`` the sums are over every rank's cases. ``progress``: as
+    :func:`~kfac_lens.capture.chunk_starts`."""
     if not supports_output_fisher(view):
         raise ValueError("chain_statistics needs an nn.Sequential of nn.Linear layers and elementwise "
                          f"activations ({', '.join(t.__name__ for t in ELEMENTWISE)}); use the capture path.")
@@ -174,7 +176,7 @@ def chain_statistics(view: NetworkView, X: torch.Tensor, likelihood: Likelihood,
     def accumulate() -> int:
         n = 0
         with torch.no_grad():
-            for start in range(0, X.shape[0], chunk):
+            for start in chunk_starts(X.shape[0], chunk, progress, "output Fisher"):
                 a_bar, derivs, z = chain_forward(view, X[start:start + chunk])
                 n += z.shape[0]
                 for k, l in plist:
