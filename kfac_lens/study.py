@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from .curvature.blocks import block_slices, kron
-from .curvature.compare import direction_errors, error_by_kind
+from .curvature.compare import block_square_sums, direction_errors, error_by_kind
 from .curvature.cumulants import CumulantTerms, cumulant_terms
 from .curvature.factors import KroneckerFactors, check_approx, kronecker_factors
 from .curvature.fisher import exact_fisher
@@ -362,8 +362,9 @@ class CurvatureStudy:
 
         def make():
             ref = self.F_tilde_inverse(gamma)
+            ref_sums = block_square_sums(ref, self.sizes)  # (shared by both comparisons)
             parts = [
-                error_by_kind(self.inverse(inv, gamma), ref, self.sizes, name=inv.label)
+                error_by_kind(self.inverse(inv, gamma), ref, self.sizes, name=inv.label, ref_sums=ref_sums)
                 for inv in (Inverse.BLOCK_DIAGONAL, Inverse.BLOCK_TRIDIAGONAL)
             ]
             return pd.concat(parts, ignore_index=True).assign(gamma=float(gamma))

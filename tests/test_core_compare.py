@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kfac_lens import block_errors, direction_errors, error_by_kind
+from kfac_lens.curvature.compare import block_square_sums
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,6 +89,18 @@ def test_error_by_kind_pools_blocks():
     # with two layers there is no off-tridiagonal kind
     two = error_by_kind(approx[:5, :5], ref[:5, :5], [2, 3])
     assert list(two["kind"]) == ["overall", "diagonal", "tridiagonal"]
+    # a reference's block table passed in (shared by several comparisons) gives the same table
+    shared = error_by_kind(approx, ref, SIZES, name="t", ref_sums=block_square_sums(ref, SIZES)).set_index("kind")
+    assert (shared["rel_error"] - df["rel_error"]).abs().max() < 1e-14
+
+
+def test_block_square_sums_are_the_blocks_squared_norms():
+    ref, _, _ = constructed()
+    table = block_square_sums(ref, SIZES)
+    assert table.shape == (4, 4)
+    for i in range(4):
+        for j in range(4):
+            assert float(table[i, j]) == pytest.approx(float(blk(ref, i, j).norm()) ** 2, rel=1e-13)
 
 
 def test_direction_errors_numbers():

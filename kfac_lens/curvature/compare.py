@@ -42,19 +42,30 @@ def block_errors(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int],
     return pd.DataFrame(rows)
 
 
+def block_square_sums(M: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The n × n table of ``‖M_ij‖²_F`` over the blocks (i, j) of sizes ``sizes``: one pass over M."""
+    sq = M.square()
+    rows = torch.stack([r.sum(0) for r in sq.split(list(sizes), 0)])
+    return torch.stack([c.sum(1) for c in rows.split(list(sizes), 1)], 1)
+
+
 def error_by_kind(approx: torch.Tensor, ref: torch.Tensor, sizes: Sequence[int], name: str = "approx",
-                  diff: torch.Tensor | None = None) -> pd.DataFrame:
+                  diff: torch.Tensor | None = None, ref_sums: torch.Tensor | None = None) -> pd.DataFrame:
     """Relative Frobenius error pooled over block kinds: overall, diagonal, tridiagonal, off-tridiagonal.
 
-    Computed from per-block sums of squares (no P×P masks); ``diff`` may pass a precomputed approx − ref.
+    Computed from per-block sums of squares (:func:`block_square_sums`, one host transfer; no P×P masks);
+    ``diff`` may pass a precomputed approx − ref, ``ref_sums`` the reference's table (shared by several
+    comparisons against one reference).
     """
     n = len(sizes)
     d = approx - ref if diff is None else diff
+    sums = torch.stack([block_square_sums(d, sizes),
+                        block_square_sums(ref, sizes) if ref_sums is None else ref_sums]).double().cpu()
     num = dict.fromkeys(BlockKind, 0.0)
     den = dict.fromkeys(BlockKind, 0.0)
-    for _i, _j, bi, bj, kind in block_pairs(sizes):
-        num[kind] += float(d[bi, bj].square().sum())
-        den[kind] += float(ref[bi, bj].square().sum())
+    for i, j, _bi, _bj, kind in block_pairs(sizes):
+        num[kind] += float(sums[0, i, j])
+        den[kind] += float(sums[1, i, j])
 
     def rel(a, b):
         return math.sqrt(a) / math.sqrt(b) if b > 0 else float("nan")
