@@ -39,6 +39,7 @@ def test_table_has_a_row_per_method_with_medians_inside_their_ranges(table):
     runs = table.attrs["runs"]
     assert len(runs) == 6 and sorted(set(runs["seed"])) == [0, 1, 2]
     assert table.attrs["seeds"] == [0, 1, 2]
+    assert table.attrs["tune_seeds"] == [3, 4]  # by default tuned on seeds held out from the runs
 
 
 def test_runs_spend_the_budget_and_sgd_reaches_its_own_median(table):

@@ -195,13 +195,19 @@ def tune_method(method: str, problem: Problem, seconds: float, seeds: Sequence[i
     return hp, searches
 
 
+def held_out_seeds(seeds: Sequence[int], count: int = 2) -> list[int]:
+    """``count`` tuning seeds disjoint from the evaluation ``seeds``: the ones after the largest."""
+    top = max(int(s) for s in seeds)
+    return [top + 1 + i for i in range(count)]
+
+
 def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mnist16", device="cpu",
                   seeds: Sequence[int] = DEFAULT_SEEDS, tune_seeds: Sequence[int] | None = None,
                   methods: Sequence[str] = METHODS, eval_cases: int | None = 10000, evals: int = 30,
                   max_extensions: int = 2, tunings: dict[str, Tuning] | None = None,
                   verbose: bool = True) -> pd.DataFrame:
-    """Tune each method of ``methods`` (``tune_s`` s per candidate on ``tune_seeds``, default the first seed),
-    then run it for ``budget_s`` s of optimizer CPU time once per seed, one torch thread throughout. Returns
+    """Tune each method of ``methods`` (``tune_s`` s per candidate on ``tune_seeds``, default the two seeds
+    after the largest of ``seeds``, so that no setting is chosen on a seed it is then evaluated on), then run it for ``budget_s`` s of optimizer CPU time once per seed, one torch thread throughout. Returns
     one row per method: medians over the seeds with ``"<column> min"`` / ``"<column> max"`` ranges."""
     seeds = [int(s) for s in seeds]
     methods = list(methods)
@@ -211,7 +217,7 @@ def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mni
         raise ValueError(f"methods must include 'SGD-Nesterov' (the target) and be among {METHODS}, got {methods}.")
     if not (budget_s > 0 and tune_s > 0):
         raise ValueError(f"budget_s and tune_s must be positive, got {budget_s}, {tune_s}.")
-    tune_seeds = seeds[:1] if tune_seeds is None else [int(s) for s in tune_seeds]
+    tune_seeds = held_out_seeds(seeds) if tune_seeds is None else [int(s) for s in tune_seeds]
     tunings = {**TUNINGS, **(tunings or {})}
     dev = resolve_device(device)
     wall0, load_before = time.perf_counter(), load_average()
@@ -257,7 +263,7 @@ def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mni
     title = f"cnn: K-FAC vs tuned SGD-Nesterov and Adam on notebook 05's CNN, {len(seeds)} seeds, {budget_s:g} s each"
     df.attrs.update(title=title, notes=notes, histories=hist, runs=runs, tuning=pd.DataFrame(log), target=target,
                     searches={m: tuned[m][1] for m in methods}, settings={m: tuned[m][0] for m in methods},
-                    seeds=seeds, wall_s=wall)
+                    seeds=seeds, tune_seeds=tune_seeds, wall_s=wall)
     if verbose:
         print(format_table(display_table(df, spread_cols), title, notes), flush=True)
     return df
@@ -297,9 +303,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=("mnist16", "digits"), default=None,
                         help="default mnist16 (--quick: digits)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
-                        help="seeds of the main runs (default: --seed and the next two); tuned on the first")
+                        help="seeds of the main runs (default: --seed and the next two)")
     parser.add_argument("--tune-seeds", type=int, nargs="+", default=None, metavar="SEED",
-                        help="seeds the grids are scored on (median; default the first of --seeds)")
+                        help="seeds the grids are scored on (median; default: the two after the largest of "
+                             "--seeds, held out from the main runs)")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
                         help=f"methods to run (default all: {', '.join(METHODS)}; SGD-Nesterov is required)")
 
