@@ -42,8 +42,11 @@ def test_lanczos_recovers_repeated_eigenvalues_when_run_to_n():
     full = lanczos(lambda V: A @ V, 30, 6, tol=0.0, generator=torch.Generator().manual_seed(1))
     assert full.steps == 30 and not full.converged
     assert O.rel(full.eigenvalues, torch.linalg.eigvalsh(A).flip(0)) < 1e-12
+    # Stopped early, the top six Ritz values are eigenvalues and hold every distinct one among the largest; whether
+    # rounding has seeded a repeated eigenvalue's other copies by then varies with the seed and the BLAS kernels.
     res = lanczos(lambda V: A @ V, 30, 6, generator=torch.Generator().manual_seed(1))
-    assert res.converged and res.top(6) == pytest.approx([5.0, 5.0, 5.0, 3.0, 2.0, 2.0], abs=1e-12)
+    assert res.converged and all(min(abs(t - e) for e in eigs) < 1e-10 for t in res.top(6))
+    assert {5.0, 3.0, 2.0} <= {round(t, 8) for t in res.top(6)}
 
 
 def test_lanczos_stops_early_on_a_decaying_spectrum():

@@ -198,7 +198,7 @@ def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = No
     def m_orthonormal(u, Vm=None, Um=None):
         """(v, u) with v = M⁻¹u made M-orthogonal to the basis and of unit M-norm (u = Mv)."""
         for _ in range(2 if Vm is not None else 0):
-            u = u - Um @ (Vm.T @ u)
+            u = u - Um.T @ (Vm @ u)
         v = pre(u)
         norm = math.sqrt(max(float((v * u).sum()), 0.0))
         return v / norm, u / norm, norm
@@ -208,24 +208,26 @@ def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = No
     v, u, beta0 = m_orthonormal(start)
     if not beta0 > 0:
         raise ValueError("the start vector is zero (or M is not positive definite): nothing to iterate on.")
-    # preallocated: the basis grows by views, not by copies
-    V = torch.empty(n, steps_cap, dtype=dtype, device=device)
+    # preallocated and row-major (one contiguous row per vector): the basis grows by views, not by copies, and the
+    # reorthogonalisation's Vᵀw and U c are matrix-vector products on contiguous rows (on a (n, steps) column
+    # layout each touches every row's cache line, ~3x slower at n = 4.5·10⁵)
+    V = torch.empty(steps_cap, n, dtype=dtype, device=device)
     U = V if precondition is None else torch.empty_like(V)
     images = torch.empty_like(V) if keep_images else None
-    V[:, :1] = v
-    U[:, :1] = u
+    V[0] = v[:, 0]
+    U[0] = u[:, 0]
     alphas, betas = [], []
     converged, coef, solve_res = False, None, float("nan")
     while True:
         j = len(alphas)
-        y = matmul(V[:, j:j + 1]).detach()  # (an operator built on autograd must not grow a graph here)
+        y = matmul(V[j][:, None]).detach()  # (an operator built on autograd must not grow a graph here)
         if keep_images:
-            images[:, j:j + 1] = y
-        alphas.append(float((V[:, j:j + 1] * y).sum()))
-        w = y - alphas[j] * U[:, j:j + 1] - (betas[-1] * U[:, j - 1:j] if j > 0 else 0.0)
-        Vm, Um = V[:, :j + 1], U[:, :j + 1]
+            images[j] = y[:, 0]
+        alphas.append(float((V[j][:, None] * y).sum()))
+        w = y - alphas[j] * U[j][:, None] - (betas[-1] * U[j - 1][:, None] if j > 0 else 0.0)
+        Vm, Um = V[:j + 1], U[:j + 1]
         for _ in range(2):
-            w = w - Um @ (Vm.T @ w)
+            w = w - Um.T @ (Vm @ w)
         wv = pre(w)
         beta = math.sqrt(max(float((wv * w).sum()), 0.0))
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
@@ -252,13 +254,13 @@ def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = No
         else:
             v, u = wv / beta, w / beta
             betas.append(beta)
-        V[:, j + 1:j + 2] = v
+        V[j + 1] = v[:, 0]
         if precondition is not None:
-            U[:, j + 1:j + 2] = u
+            U[j + 1] = u[:, 0]
     m = len(alphas)
-    basis = V[:, :m]
+    basis = V[:m].T  # (n, m), a view of the row-major rows
     solution = None if rhs is None else (basis @ coef.to(dtype)).reshape(rhs.shape)
-    return LanczosResult(theta, res, basis, images[:, :m] if keep_images else None, T, m, converged, solution,
+    return LanczosResult(theta, res, basis, images[:m].T if keep_images else None, T, m, converged, solution,
                          solve_res)
 
 
