@@ -10,7 +10,8 @@ the activation derivatives D_k of every case and applies, per column v (layer ma
 - output: ``u = F_R(z) D_L ṡ_L / N``;
 - backward: ``g_L = D_L u``, ``g_{k−1} = D_{k−1} W_kᵀ g_k`` and ``(F v)_k = Σ_n g_k ā_kᵀ``.
 
-The same numbers as ``fisher_matrix_product`` (up to rounding), about 4·N·P multiply-adds per column.
+The same numbers as ``fisher_matrix_product`` (up to rounding), about 4·N·P multiply-adds per column. The m
+columns of V travel together: each layer is one GEMM over the stacked (case, column) rows (not m broadcast ones).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from ..likelihoods import Likelihood
-from ..nets import NetworkView, mats_to_vec, vec_to_mats
-from .output_fisher import chain_forward, supports_output_fisher
+from ..nets import NetworkView
+from .output_fisher import DIAGONAL_OUTPUT_FISHER, chain_forward, supports_output_fisher
 
 CACHE_CHUNK = 1024  # cases per cached block
 
@@ -50,32 +51,43 @@ class ChainFisherProduct:
             raise ValueError(f"V must be a (P, m) tensor of flat θ-vectors for layers {self.sel}, got "
                              f"{tuple(getattr(V, 'shape', ()))}.")
         dtype = self.weights[0].dtype
-        mats = dict(zip(self.sel, vec_to_mats(V.T.to(dtype), self.shapes)))  # (m, d_out, a_dim) per layer
-        lo, m = self.sel[0], V.shape[1]
-        out = {k: 0.0 for k in self.sel}
+        m, lo, depth = V.shape[1], self.sel[0], len(self.weights)
+        # the m columns side by side, so each layer is one GEMM over the stacked (case, column) rows: V_kᵀ as
+        # (a_dim, m·d_out) with entry [j, c·d_out + i] = (V_k of column c)[i, j]
+        rights, start = {}, 0
+        for k, (r, c) in zip(self.sel, self.shapes):
+            rights[k] = V[start:start + r * c].to(dtype).reshape(c, r, m).transpose(1, 2).reshape(c, m * r)
+            start += r * c
+        out = {k: torch.zeros(c, m * r, dtype=dtype, device=V.device) for k, (r, c) in zip(self.sel, self.shapes)}
         for a_bar, derivs, z in self.cache:
+            n = z.shape[0]
             sdot = None
-            for k in range(lo, len(self.weights)):
-                if sdot is not None:
-                    sdot = sdot if derivs[k - 1] is None else sdot * derivs[k - 1]  # ȧ_k
-                    sdot = sdot @ self.weights[k].T
-                if k in mats:
-                    term = torch.matmul(a_bar[k], mats[k].transpose(1, 2))  # V_k ā_k, (m, n, d_out)
-                    sdot = term if sdot is None else sdot + term
-            if derivs[-1] is not None:
-                sdot = sdot * derivs[-1]
-            g = torch.stack([self.lik.fisher_vp(z, s) for s in sdot]) / self.n
-            if derivs[-1] is not None:
-                g = g * derivs[-1]
-            for k in range(len(self.weights) - 1, lo - 1, -1):
-                if k in mats:
-                    out[k] = out[k] + torch.matmul(g.transpose(1, 2), a_bar[k])
+            for k in range(lo, depth):
+                if sdot is not None:  # ṡ_k = W_k ȧ_k (+ V_k ā_k below), ȧ_k = D_{k−1} ṡ_{k−1}
+                    sdot = _scale(sdot, derivs[k - 1])
+                    sdot = (sdot.reshape(n * m, -1) @ self.weights[k].T).reshape(n, m, -1)
+                if k in rights:
+                    term = (a_bar[k] @ rights[k]).reshape(n, m, -1)
+                    sdot = term if sdot is None else sdot.add_(term)
+            g = _scale(self._output_fisher(z, _scale(sdot, derivs[-1])), derivs[-1]) / self.n
+            for k in range(depth - 1, lo - 1, -1):
+                if k in rights:  # (F v)_k = Σ_n g_k ā_kᵀ, as (a_dim, m·d_out)
+                    out[k].addmm_(a_bar[k].T, g.reshape(n, -1))
                 if k > lo:
-                    g = g @ self.weights[k]
-                    g = g if derivs[k - 1] is None else g * derivs[k - 1]
-        return mats_to_vec([out[k] if torch.is_tensor(out[k]) else
-                            torch.zeros(m, *s, dtype=dtype, device=self.weights[0].device)
-                            for k, s in zip(self.sel, self.shapes)]).T
+                    g = _scale((g.reshape(n * m, -1) @ self.weights[k]).reshape(n, m, -1), derivs[k - 1])
+        return torch.cat([out[k].reshape(c, m, r).transpose(1, 2).reshape(c * r, m)
+                          for k, (r, c) in zip(self.sel, self.shapes)], dim=0)
+
+    def _output_fisher(self, z: torch.Tensor, sdot: torch.Tensor) -> torch.Tensor:
+        """F_R(z_n) ṡ per case and column, sdot (n, m, C): one diagonal for all columns where F_R is diagonal."""
+        if self.lik.name in DIAGONAL_OUTPUT_FISHER:
+            return sdot * self.lik.fisher_vp(z, torch.ones_like(z))[:, None, :]
+        return torch.stack([self.lik.fisher_vp(z, sdot[:, i]) for i in range(sdot.shape[1])], dim=1)
+
+
+def _scale(T: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+    """T (n, m, d) times the per-case diagonal D (n, d), or T for the identity."""
+    return T if D is None else T * D[:, None, :]
 
 
 def cache_bytes(view: NetworkView, n_cases: int, dtype: torch.dtype) -> int:
