@@ -112,14 +112,40 @@ def _output_fisher(lik: Likelihood, z: torch.Tensor, trailing: torch.Tensor | No
     return M if trailing is None else trailing[:, :, None] * M * trailing[:, None, :]
 
 
-def _times_weight(T: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
-    """``T W D`` per case as one GEMM over the stacked rows; T is (n, m, d_out) or, for diag(T), (n, d_out)."""
-    if T.ndim == 2:
-        out = T[:, :, None] * W
-    else:
-        n, m, _ = T.shape
-        out = (T.reshape(n * m, -1) @ W).reshape(n, m, W.shape[1])
-    return out if D is None else out.mul_(D[:, None, :])
+def _times_weight(T: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, case_axis: int = 0) -> torch.Tensor:
+    """``T W D`` per case as one GEMM over the stacked rows; T is (n, m, d_out), or (m, n, d_out) with
+    ``case_axis=1``."""
+    out = (T.reshape(-1, T.shape[-1]) @ W).reshape(*T.shape[:-1], W.shape[1])
+    if D is None:
+        return out
+    return out.mul_(D[:, None, :] if case_axis == 0 else D[None, :, :])
+
+
+def _from_diagonal(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, with_T: bool, blocks: int = 5):
+    """``(M, T)`` below a diagonal M_l = diag(m) (m of shape (n, C)): ``M = D Wᵀ diag(m) W D`` per case, (n, d, d),
+    and, when ``with_T``, ``T = diag(m) W D`` laid out (C, n, d) (case axis 1).
+
+    Each product runs over the output units with the cases side by side, ``Wᵀ (C, d) · [m_i W_i·]_(C, n·d)``, so
+    nothing of size n·C·d is transposed, and only the ``blocks`` column blocks on and above the diagonal of the
+    symmetric M are multiplied (about (blocks + 1)/(2·blocks) of the products), then mirrored."""
+    n, C = m.shape
+    d = W.shape[1]
+    mt = m.T
+    T = None
+    if with_T:
+        T = mt[:, :, None] * W[:, None, :]
+        if D is not None:
+            T.mul_(D[None, :, :])
+    M = torch.empty(d, n, d, dtype=m.dtype, device=m.device)
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for s, e in zip(edges, edges[1:]):
+        if e > s:
+            right = (mt[:, :, None] * W[:, None, s:e]).reshape(C, n * (e - s))
+            M[:e, :, s:e] = (W[:, :e].T @ right).reshape(e, n, e - s)
+    for s, e in zip(edges, edges[1:]):
+        M[e:, :, s:e] = M[s:e, :, e:].transpose(0, 2)
+    M = M.permute(1, 0, 2).contiguous()
+    return (M if D is None else M.mul_(D[:, :, None]).mul_(D[:, None, :])), T
 
 
 def _diag(M: torch.Tensor) -> torch.Tensor:
@@ -194,13 +220,18 @@ def chain_statistics(view: NetworkView, X: torch.Tensor, likelihood: Likelihood,
                     if l == lo:
                         break
                     # T_{k,l} = C_{k,l}ᵀ = M_l J_{l←k}, rows per case, so each step is one GEMM
-                    T = _times_weight(M, weights[l], derivs[l - 1])  # T_{l-1,l} = M_l W_l D_{l-1}
-                    M = _times_weight(T.transpose(1, 2).contiguous(), weights[l], derivs[l - 1])  # M_{l-1}
+                    if M.ndim == 2:  # diagonal M_l (the output layer's): T_{l-1,l} as (C, n, d), M_{l-1} symmetric
+                        M, T = _from_diagonal(M, weights[l], derivs[l - 1], with_T=bool(cross[l]))
+                        axis = 1
+                    else:
+                        T = _times_weight(M, weights[l], derivs[l - 1])  # T_{l-1,l} = M_l W_l D_{l-1}
+                        M = _times_weight(T.transpose(1, 2).contiguous(), weights[l], derivs[l - 1])  # M_{l-1}
+                        axis = 0
                     for k in range(l - 1, cross[l][-1] - 1 if cross[l] else l - 1, -1):
                         if k < l - 1:  # T_{k,l} = T_{k+1,l} W_{k+1} D_k
-                            T = _times_weight(T, weights[k + 1], derivs[k])
+                            T = _times_weight(T, weights[k + 1], derivs[k], axis)
                         if k in cross[l]:
-                            add(G, (k, l), T.sum(0).T)
+                            add(G, (k, l), T.sum(axis).T)
         return n
 
     n = accumulate() if shards is None else shards.run(accumulate, "the output-Fisher sums on this rank's cases")
