@@ -15,14 +15,25 @@ set-up propagates the per-case output Fisher backwards (:mod:`~kfac_lens.curvatu
 M_k = D_k W_{k+1}ᵀ M_{k+1} W_{k+1} D_k) instead of backpropagating R = 784 directions per case: pass 1 gives
 every Kronecker factor pair and diag(F) (~1.2·10⁸ multiply-adds per case here), pass 2 EK-FAC's scaling in
 the eigenbases of pass 1's factors (~1·10⁸), about 10× fewer than the two capture passes (~2·10⁹). The
-F-products keep the primal pass (:class:`~kfac_lens.curvature.chain_products.ChainFisherProduct`), which
-matters for the 140 one-column Lanczos steps. Measured at N = 10,000 on 2 shared cores (load 1–3): set-up
-190 s, F Lanczos 121 s, Frobenius estimate 318 s, F̂⁻¹F Lanczos 538 s, total 1170 s, ~10× the target (it
-was ~35×, ~4000 s extrapolated from N = 1000). At N = 1000 the same run takes 67 s (set-up 15 s, F Lanczos
-5 s, Frobenius 24 s, F̂⁻¹F Lanczos 23 s): a Lanczos step costs ~0.1 s there but 3–6 s at N = 10,000, far
-more than the 10× of its F-product, which is not yet explained (next thing to profile). The set-up is float64
-GEMM-bound (~4·10¹² flops at N = 10,000). The split in the table's notes shows it. On a loaded machine
-prefer ``--threads 1`` for small sizes.
+F-products keep the primal pass (:class:`~kfac_lens.curvature.chain_products.ChainFisherProduct`; the columns
+of a batch share each layer's GEMM), which matters for the ~130 one-column Lanczos steps.
+
+Measured at N = 10,000 on 2 shared cores, 2026-11-28, with ``--threads 1`` (load 1–2.5 from another
+process): set-up 174 s, F Lanczos 15 s (40 steps, 0.39 s each), Frobenius estimate 57 s, F̂⁻¹F Lanczos 41 s
+(92 steps, 0.45 s each), total 288 s: 2.4× the 2-minute target, missed; every interval is within ±2.1%
+(target met). The earlier 1170 s (2 threads, load 1–3; Lanczos steps of 3–6 s, 10× an F-product's share)
+was mostly thread oversubscription, not the F-product: one column costs 0.37 s on one thread at
+N = 10,000 (4·N·P ≈ 1.8·10¹⁰ float32 multiply-adds) but 3.7–4.6 s on two torch threads while another
+process keeps a core busy, because each of a product's ~500 parallel regions (ten 1024-case chunks × six
+layers × a few ops) waits for a descheduled thread. On a shared machine run it with ``--threads 1``.
+Smaller causes, fixed: the Lanczos basis was column-major (reorthogonalisation 0.195 s per step over 100
+steps, 0.070 s row-major); a batch of 8 columns cost more per column than one column (m broadcast GEMMs);
+the set-up transposed an (n, 784, 250) tensor per chunk below the output layer and formed all of the
+symmetric M. What is left, one thread: the set-up (60%; float64 GEMMs, ~2·10¹² multiply-adds in two
+passes; F̃'s cross terms with the 784-wide output layer are ~5·10⁷ per case), 196 F-products (~73 s) and the
+operators' own float64 products in the Frobenius estimate (per column F̃ and F̂ ~0.1 s, EK-FAC 0.06 s, F̆
+0.03 s, on the 40 basis columns and 64 probes: ~31 s). The split in the table's notes shows it. On a
+loaded machine prefer ``--threads 1`` at every size.
 """
 
 from __future__ import annotations
