@@ -25,7 +25,11 @@ process): set-up 174 s, F Lanczos 15 s (40 steps, 0.39 s each), Frobenius estima
 was mostly thread oversubscription, not the F-product: one column costs 0.37 s on one thread at
 N = 10,000 (4·N·P ≈ 1.8·10¹⁰ float32 multiply-adds) but 3.7–4.6 s on two torch threads while another
 process keeps a core busy, because each of a product's ~500 parallel regions (ten 1024-case chunks × six
-layers × a few ops) waits for a descheduled thread. On a shared machine run it with ``--threads 1``.
+layers × a few ops) waits for a descheduled thread. A default (2-thread) run the same day shows both sides:
+started on a quiet machine, set-up 105 s and F Lanczos 9 s (0.22 s a step); then another process started,
+and the Frobenius estimate took 93 s and F̂⁻¹F Lanczos 406 s (4.4 s a step), total 613 s. On a shared
+machine run it with ``--threads 1``; on a quiet one two threads would take roughly 105 + 9 + 35 + 25 ≈ 175 s
+(the last two estimated, not measured).
 Smaller causes, fixed: the Lanczos basis was column-major (reorthogonalisation 0.195 s per step over 100
 steps, 0.070 s row-major); a batch of 8 columns cost more per column than one column (m broadcast GEMMs);
 the set-up transposed an (n, 784, 250) tensor per chunk below the output layer and formed all of the
