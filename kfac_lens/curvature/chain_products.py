@@ -24,7 +24,8 @@ from ..likelihoods import Likelihood
 from ..nets import NetworkView
 from .output_fisher import DIAGONAL_OUTPUT_FISHER, chain_forward, supports_output_fisher
 
-CACHE_CHUNK = 1024  # cases per cached block
+CACHE_CHUNK = 4096  # cases per cached block: with several threads, one block per pass (see __call__)
+ONE_THREAD_ROWS = 1024  # cases per pass on one thread (the block's rows as views)
 
 
 class ChainFisherProduct:
@@ -59,7 +60,11 @@ class ChainFisherProduct:
             rights[k] = V[start:start + r * c].to(dtype).reshape(c, r, m).transpose(1, 2).reshape(c, m * r)
             start += r * c
         out = {k: torch.zeros(c, m * r, dtype=dtype, device=V.device) for k, (r, c) in zip(self.sel, self.shapes)}
-        for a_bar, derivs, z in self.cache:
+        # One thread runs 1024 cases at a time (cache-friendly, ~20% faster than 4096 at N = 10,000). Several threads
+        # take a whole block: a product is then ~150 parallel regions instead of ~500, and each one waits for every
+        # thread, which on a shared machine (another process on a core) made a column 10x slower at 1024 cases.
+        rows = ONE_THREAD_ROWS if torch.get_num_threads() == 1 else None
+        for a_bar, derivs, z in (part for block in self.cache for part in _row_slices(block, rows)):
             n = z.shape[0]
             sdot = None
             for k in range(lo, depth):
@@ -83,6 +88,16 @@ class ChainFisherProduct:
         if self.lik.name in DIAGONAL_OUTPUT_FISHER:
             return sdot * self.lik.fisher_vp(z, torch.ones_like(z))[:, None, :]
         return torch.stack([self.lik.fisher_vp(z, sdot[:, i]) for i in range(sdot.shape[1])], dim=1)
+
+
+def _row_slices(block, rows: int | None):
+    """The cached block (ā_k, D_k, z) as views of at most ``rows`` cases each (None: the whole block)."""
+    a_bar, derivs, z = block
+    n = z.shape[0]
+    step = n if rows is None else rows
+    for i in range(0, n, step):
+        yield ([a[i:i + step] for a in a_bar], [None if d is None else d[i:i + step] for d in derivs],
+               z[i:i + step])
 
 
 def _scale(T: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
