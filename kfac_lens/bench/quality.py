@@ -18,26 +18,26 @@ the eigenbases of pass 1's factors (~1·10⁸), about 10× fewer than the two ca
 F-products keep the primal pass (:class:`~kfac_lens.curvature.chain_products.ChainFisherProduct`; the columns
 of a batch share each layer's GEMM), which matters for the ~130 one-column Lanczos steps.
 
-Measured at N = 10,000 on 2 shared cores, 2026-11-28, with ``--threads 1`` (load 1–2.5 from another
-process): set-up 174 s, F Lanczos 15 s (40 steps, 0.39 s each), Frobenius estimate 57 s, F̂⁻¹F Lanczos 41 s
-(92 steps, 0.45 s each), total 288 s: 2.4× the 2-minute target, missed; every interval is within ±2.1%
-(target met). The earlier 1170 s (2 threads, load 1–3; Lanczos steps of 3–6 s, 10× an F-product's share)
-was mostly thread oversubscription, not the F-product: one column costs 0.37 s on one thread at
-N = 10,000 (4·N·P ≈ 1.8·10¹⁰ float32 multiply-adds) but 3.7–4.6 s on two torch threads while another
-process keeps a core busy, because each of a product's ~500 parallel regions (ten 1024-case chunks × six
-layers × a few ops) waits for a descheduled thread. A default (2-thread) run the same day shows both sides:
-started on a quiet machine, set-up 105 s and F Lanczos 9 s (0.22 s a step); then another process started,
-and the Frobenius estimate took 93 s and F̂⁻¹F Lanczos 406 s (4.4 s a step), total 613 s. On a shared
-machine run it with ``--threads 1``; on a quiet one two threads would take roughly 105 + 9 + 35 + 25 ≈ 175 s
-(the last two estimated, not measured).
+Measured at N = 10,000, 2026-11-28, default 2 threads on a quiet machine (load 0.2 at start, 1.9 at end):
+set-up 92 s, F Lanczos 9 s (40 steps, 0.22 s each), Frobenius estimate 34 s, F̂⁻¹F Lanczos 25 s (92 steps,
+0.27 s each), total 159 s: 1.33× the 2-minute target, missed; every interval is within ±2.1% (target met).
+With ``--threads 1`` (load 1–2.5 from another process): set-up 174 s, F Lanczos 15 s, Frobenius 57 s, F̂⁻¹F
+Lanczos 41 s, total 288 s. With 2 threads while another process held a core (load 3.5–4): 406 s, of which
+F̂⁻¹F Lanczos 238 s (2.6 s a step). The earlier 1170 s (2 threads, load 1–3; Lanczos steps of 3–6 s, 10× an
+F-product's share) was mostly this oversubscription, not the F-product: one column costs 0.37 s on one
+thread at N = 10,000 (4·N·P ≈ 1.8·10¹⁰ float32 multiply-adds) but 3.7–4.6 s on two torch threads while
+another process keeps a core busy, because each of a product's ~500 parallel regions (then ten 1024-case
+chunks × six layers × a few ops) waits for a descheduled thread. A product on several threads now takes
+4096-case blocks (~150 regions; a loaded 2-thread column 0.8–1.8 s), which softens this, but F̂⁻¹'s and the
+reorthogonalisation's small operations still suffer: on a shared machine run it with ``--threads 1``.
 Smaller causes, fixed: the Lanczos basis was column-major (reorthogonalisation 0.195 s per step over 100
 steps, 0.070 s row-major); a batch of 8 columns cost more per column than one column (m broadcast GEMMs);
 the set-up transposed an (n, 784, 250) tensor per chunk below the output layer and formed all of the
-symmetric M. What is left, one thread: the set-up (60%; float64 GEMMs, ~2·10¹² multiply-adds in two
-passes; F̃'s cross terms with the 784-wide output layer are ~5·10⁷ per case), 196 F-products (~73 s) and the
-operators' own float64 products in the Frobenius estimate (per column F̃ and F̂ ~0.1 s, EK-FAC 0.06 s, F̆
-0.03 s, on the 40 basis columns and 64 probes: ~31 s). The split in the table's notes shows it. On a
-loaded machine prefer ``--threads 1`` at every size.
+symmetric M. What is left (quiet, 2 threads): the set-up (58%; float64 GEMMs, ~2·10¹² multiply-adds in two
+passes; F̃'s cross terms with the 784-wide output layer are ~5·10⁷ per case), 196 F-products (~0.2 s each)
+and the operators' own float64 products in the Frobenius estimate (one thread, per column: F̃ and F̂ ~0.1 s,
+EK-FAC 0.06 s, F̆ 0.03 s, on the 40 basis columns and 64 probes: ~31 s). The split in the table's notes
+shows it. On a loaded machine prefer ``--threads 1`` at every size.
 """
 
 from __future__ import annotations
