@@ -16,7 +16,7 @@ import torch
 from ..curvature.blocks import BlockKind, off_tridiagonal_mask
 from ..curvature.compare import block_errors
 from ..study import CurvatureStudy, Inverse
-from .panels import DrawnFigure, MatrixPanel, PanelGrid, fmt_level, numpy_abs, shared_vmax
+from .panels import DrawnFigure, MatrixPanel, PanelGrid, fmt_level, numpy_abs, numpy_abs_diff, shared_vmax
 
 __all__ = ["draw_figure5", "draw_figure6", "figure5", "figure6"]
 
@@ -27,7 +27,7 @@ FIGURE6_ROWS = (Inverse.BLOCK_DIAGONAL, Inverse.BLOCK_TRIDIAGONAL)
 
 def _abs_row(ref, approx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """|reference|, |approximation| and |reference − approximation| as float64 arrays."""
-    return numpy_abs(ref), numpy_abs(approx), numpy_abs(ref - approx)
+    return numpy_abs(ref), numpy_abs(approx), numpy_abs_diff(ref, approx)
 
 
 def _comparison_vmax(abs_rows) -> float:
@@ -186,7 +186,7 @@ def draw_figure6(grid: PanelGrid, study: CurvatureStudy, gamma: float,
     ref = study.F_tilde_inverse(g)
     abs_ref = numpy_abs(ref)
     approx = {inv: study.inverse(inv, g) for inv in FIGURE6_ROWS}
-    abs_rows = {inv: (abs_ref, numpy_abs(M), numpy_abs(ref - M)) for inv, M in approx.items()}
+    abs_rows = {inv: (abs_ref, numpy_abs(M), numpy_abs_diff(ref, M)) for inv, M in approx.items()}
     vmax = _comparison_vmax(list(abs_rows.values())) if vmax is None else float(vmax)
     titles = []
     for inv in inverses:

@@ -65,6 +65,27 @@ def numpy_abs(M) -> np.ndarray:
     return np.abs(np.asarray(M, dtype=np.float64))
 
 
+def numpy_abs_diff(A, B) -> np.ndarray:
+    """``|A − B|`` as a float64 NumPy array, the difference's own buffer taking the absolute value in place."""
+    if isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor):
+        return torch.sub(A.detach().to("cpu", torch.float64), B.detach().to("cpu", torch.float64)).abs_().numpy()
+    return np.abs(np.asarray(A, dtype=np.float64) - np.asarray(B, dtype=np.float64))
+
+
+def percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation, the same value to the bit) from one
+    ``np.partition`` at the two order statistics it needs: half the time on the explorers' 2 million
+    pooled entries."""
+    n = values.size
+    pos = (n - 1) * (q / 100.0)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    part = np.partition(values, [lo, hi] if hi != lo else lo)
+    a, b, t = part[lo], part[hi], pos - lo
+    d = b - a
+    return float(b - d * (1 - t)) if t >= 0.5 else float(a + d * t)  # (numpy's own lerp, both branches)
+
+
 def shared_vmax(matrices: Sequence, quantile: float = VMAX_QUANTILE, *, absolute: bool = False) -> float:
     """The white level shared by a figure's panels: the ``quantile``-th percentile of |entries|.
 
@@ -86,7 +107,7 @@ def shared_vmax(matrices: Sequence, quantile: float = VMAX_QUANTILE, *, absolute
     pooled = pooled[np.isfinite(pooled)]
     if pooled.size == 0:
         return 1.0
-    v = float(np.percentile(pooled, quantile))
+    v = percentile(pooled, quantile)
     if not v > 0:
         v = float(
             max(float(np.max(np.abs(f[np.isfinite(f)]))) if np.isfinite(f).any() else 0.0 for f in flats)
