@@ -93,6 +93,26 @@ def test_training_figure_runs_the_comparison_over_seeds(tmp_path, monkeypatch, e
     assert calls == [seeds]
 
 
+def test_training_iterations_are_passed_on_and_named_in_the_metrics(tmp_path, monkeypatch):
+    """--training-iterations K runs the comparison for K K-FAC iterations and the metrics say so."""
+    import numpy as np
+
+    calls = []
+
+    def fake_comparison(preset, data, **kw):
+        calls.append(kw.get("iterations"))
+        it = np.arange(1, 11)
+        h = pd.DataFrame({"iteration": it, "time": 0.1 * it, "loss": 1.0 / it, "seed": 0})
+        return {"SGD-Nesterov": h, "K-FAC block-diagonal": h}
+
+    monkeypatch.setattr(zoo, "training_comparison", fake_comparison)
+    assert cli.main(["figures", "--data", "digits", "--fig", "training", "--out", str(tmp_path), "--quiet",
+                     "--training-seeds", "1", "--training-iterations", "10"]) == 0
+    assert calls == [10]
+    table = pd.read_csv(tmp_path / "metrics" / "training.csv")
+    assert set(table["kfac_iterations_run"]) == {10} and set(table["preset_iterations"]) == {150}
+
+
 def test_training_seeds_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         cli.main(["figures", "--training-seeds", "0"])

@@ -346,7 +346,12 @@ def test_training_curves_have_a_cases_axis_and_define_the_error():
     # the CLI's labels for the zoo comparison name the network, data and preset
     kw = kf.training_comparison_labels("quick", "mnist")
     assert kw["network"] == "autoencoder 784-250-100-30-100-250-784" and kw["likelihood"] == "bernoulli"
-    assert kw["preset"] == "quick" and "MNIST" in kw["data"]
+    assert kw["preset"] == "quick" and "MNIST" in kw["data"] and kw["note"] is None
+    # a run cut short of the preset's iterations says so in the title
+    assert kf.training_comparison_labels("quick", "mnist", 150)["note"] is None
+    cut = kf.training_comparison_labels("paper", "mnist", 40)
+    assert cut["note"] == "K-FAC run for 40 of the preset's 500 iterations"
+    assert cut["note"] in kf.figure_training_curves({"run": h1}, **cut).figure._suptitle.get_text()
 
 
 # ------------------------------------------------------------ Figure 7 display

@@ -57,6 +57,7 @@ class TrainingLabels:
     data: str | None = None
     preset: str | None = None
     likelihood: str | None = None
+    note: str | None = None
 
     def head(self) -> str:
         if self.title is not None:
@@ -65,6 +66,7 @@ class TrainingLabels:
             self.network,
             f"{self.data} training set" if self.data else None,
             f"preset {self.preset!r}" if self.preset else None,
+            self.note,
         ) if x)
         return "Training curves" + (f": {what}" if what else "")
 
@@ -173,6 +175,7 @@ def figure_training_curves(
     data: str | None = None,
     preset: str | None = None,
     likelihood: str | None = None,
+    note: str | None = None,
 ) -> DrawnFigure:
     """Loss and error against iterations, training cases processed and wall-clock time.
 
@@ -186,7 +189,8 @@ def figure_training_curves(
     ``likelihood`` ("bernoulli", "gaussian", "categorical") names its definition on the axis and in
     the title (:data:`TRAINING_ERROR_DEFINITIONS`).
 
-    The title names ``network``, ``data`` and ``preset`` when given (``title`` replaces its first line).
+    The title names ``network``, ``data``, ``preset`` and ``note`` when given (``title`` replaces its first
+    line).
     Metrics: all histories stacked with a ``run`` column (and ``cases_processed`` where defined).
     A history with a ``seed`` column of several seeds (:func:`kfac_lens.zoo.training_comparison` with
     ``seeds=``) is drawn as its median over the seeds with a min–max band (:func:`seed_band`).
@@ -194,22 +198,26 @@ def figure_training_curves(
     has_error, xaxes = training_layout(histories)
     n_rows, n_cols = (2 if has_error else 1), len(xaxes)
     fig = Figure(figsize=(4.6 * n_cols, 3.6 * n_rows + 0.5), layout="constrained")
-    df = draw_training_curves(fig, histories, TrainingLabels(title, network, data, preset, likelihood))
+    df = draw_training_curves(fig, histories, TrainingLabels(title, network, data, preset, likelihood, note))
     meta = dict(figure="training_curves", error_definition=error_definition(likelihood) if has_error else None)
     return DrawnFigure(fig, df, meta=meta)
 
 
-def training_comparison_labels(preset: str, data: str) -> dict:
+def training_comparison_labels(preset: str, data: str, iterations: int | None = None) -> dict:
     """Keyword arguments of :func:`figure_training_curves` that name what
     :func:`kfac_lens.zoo.training_comparison` trains: the deep autoencoder of ``preset`` (its layer
     widths as that function picks them), the data and the Bernoulli likelihood (its error is the
-    squared reconstruction error per case)."""
+    squared reconstruction error per case); with ``iterations`` other than the preset's, a note that
+    says K-FAC ran that many of them."""
     from ..zoo import AUTOENCODER_PRESETS
 
     p = AUTOENCODER_PRESETS[preset]
+    note = None
+    if iterations is not None and int(iterations) != p["iterations"]:
+        note = f"K-FAC run for {int(iterations)} of the preset's {p['iterations']} iterations"
     sizes = [64, 48, 24, 8, 24, 48, 64] if data == "digits" else p["sizes"]  # as zoo.training_comparison
     what = "8×8 digits" if data == "digits" else f"{str(data).upper()} ({p['n_train']} cases)"
     return dict(network=f"autoencoder {'-'.join(str(v) for v in sizes)}", data=what, preset=preset,
-                likelihood="bernoulli")
+                likelihood="bernoulli", note=note)
 
 
