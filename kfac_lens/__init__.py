@@ -7,7 +7,8 @@ Layers are 0-based indices of a model's nn.Linear layers; dense matrices use the
 
 from . import curvature
 from .curvature import *  # noqa: F403 — the curvature API (see kfac_lens.curvature.__all__)
-from .errors import DenseTooLargeError, IllConditionedWarning, NonFiniteError, SingularFactorError, UnsupportedModelError
+from .errors import (DenseTooLargeError, IllConditionedWarning, NonFiniteError, SingularFactorError,
+                     UnsupportedModelError)
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, get_likelihood
 from .nets import NetworkView, mats_to_vec, vec_to_mats
 from .optim import KFAC

@@ -207,7 +207,8 @@ def cnn_benchmark(budget_s: float = 30.0, tune_s: float = 10.0, data: str = "mni
                   max_extensions: int = 2, tunings: dict[str, Tuning] | None = None,
                   verbose: bool = True) -> pd.DataFrame:
     """Tune each method of ``methods`` (``tune_s`` s per candidate on ``tune_seeds``, default the two seeds
-    after the largest of ``seeds``, so that no setting is chosen on a seed it is then evaluated on), then run it for ``budget_s`` s of optimizer CPU time once per seed, one torch thread throughout. Returns
+    after the largest of ``seeds``, so that no setting is chosen on a seed it is then evaluated on), then run
+    it for ``budget_s`` s of optimizer CPU time once per seed, one torch thread throughout. Returns
     one row per method: medians over the seeds with ``"<column> min"`` / ``"<column> max"`` ranges."""
     seeds = [int(s) for s in seeds]
     methods = list(methods)

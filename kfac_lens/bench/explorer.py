@@ -64,8 +64,8 @@ def explorer_benchmark(study, gamma: float, repeats: int = 5, threads: int | Non
     and moved once untimed. Each timed move then goes to a γ not visited before (``gamma`` times
     10^(±0.05 k), alternating sides), so nothing the study memoises per γ is reused. A move that
     leaves the image unchanged or reports an error raises ``RuntimeError``. Rows: the best move's
-    wall clock, the median move's, then each part of the explorer's ``timings`` for the best move. ``ratio_to_target`` is
-    seconds / ``target_s``; for a part, it is its share of the target.
+    wall clock, the median move's, then each part of the explorer's ``timings`` for the best move.
+    ``ratio_to_target`` is seconds / ``target_s``; for a part, it is its share of the target.
     """
     from ..widgets import DampingExplorer
 

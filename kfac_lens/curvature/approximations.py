@@ -11,7 +11,8 @@ factored Tikhonov (Appendix E.3) exactly as the inverse operators do; the others
 isotropic part of factored Tikhonov, see :func:`~kfac_lens.curvature.quality.compare_approximations`).
 
 The EK-FAC scaling, diag(F) and F_kk are exact over y: by :mod:`.output_fisher` for a Linear chain where
-that is cheaper (:func:`~kfac_lens.curvature.output_fisher.output_fisher_is_cheaper`), else from the capture (square-root directions r of F_R, weight w): for layer k,
+that is cheaper (:func:`~kfac_lens.curvature.output_fisher.output_fisher_is_cheaper`), else from the capture
+(square-root directions r of F_R, weight w): for layer k,
 ``F_kk = (w/N) Σ_n Σ_r vec(g_r āᵀ) vec(g_r āᵀ)ᵀ``, ``diag = (w/N) Σ_n (Σ_r g_r²)(ā²)ᵀ`` and, in the
 eigenbases Q_A, Q_G of Ā_kk, G_kk, ``S = (w/N) Σ_n (Σ_r (Q_Gᵀ g_r)²)((Q_Aᵀ ā)²)ᵀ`` — never forming F.
 """
