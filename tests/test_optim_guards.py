@@ -20,6 +20,7 @@ F = mean Jᵀ F_R J, vec column-major so that block (k, l) of F̃ is kron(Ā[k,l
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -327,25 +328,33 @@ def ill_conditioned_float32_problem(n=256, seed=0, collinear=1e-4):
     return net, X, y
 
 
-def refused_in(net, X, gamma, dtype) -> bool:
-    """Whether the block-diagonal inverse of the float32 model's damped factors, inverted in ``dtype``, is
-    refused (the factors are computed in float32, as K-FAC computes them for this model)."""
-    f = K.kronecker_factors(net, X, "categorical", dtype=torch.float32).to(dtype)
+def first_factors(net, X, y):
+    """The float32 factors K-FAC builds its first inverse from (exact estimator on every case, no EMA yet),
+    read from an optimizer run one step on a copy of the network: a threshold computed from them is the
+    one K-FAC meets, whatever rounding another route to the same factors would take."""
+    opt = KFAC(copy.deepcopy(net), "categorical", "blockdiag", gamma_init=1.0, lambda_init=1.0, adapt_gamma=False,
+               curvature_estimator="exact", tau1=1.0, seed=0)
+    opt.step(X, y)
+    return opt.factors
+
+
+def refused_in(factors, gamma, dtype) -> bool:
+    """Whether the block-diagonal inverse of the damped (float32) ``factors``, inverted in ``dtype``, is refused."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", K.IllConditionedWarning)
-            K.block_diagonal_inverse(f, gamma)
+            K.block_diagonal_inverse(factors.to(dtype), gamma)
     except K.SingularFactorError:
         return True
     return False
 
 
-def refusal_threshold(net, X, dtype, lo, hi=1e3) -> float:
+def refusal_threshold(factors, dtype, lo, hi=1e3) -> float:
     """The γ below which ``dtype`` cannot invert the damped float32 factors, by bisection on log γ."""
-    assert refused_in(net, X, lo, dtype) and not refused_in(net, X, hi, dtype)
+    assert refused_in(factors, lo, dtype) and not refused_in(factors, hi, dtype)
     for _ in range(60):
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if refused_in(net, X, mid, dtype) else (lo, mid)
+        lo, hi = (mid, hi) if refused_in(factors, mid, dtype) else (lo, mid)
     return hi
 
 
@@ -354,8 +363,9 @@ def test_float32_model_keeps_candidates_only_float64_can_invert(inverse):
     """A γ candidate too ill-conditioned for a float32 inverse is built in float64 (and applied to the float32
     gradients), not left out of the search and not warned about (Appendix E.6 keeps every candidate)."""
     net, X, y = ill_conditioned_float32_problem()
-    gamma = 0.5 * refusal_threshold(net, X, torch.float32, 1e-8)
-    assert refused_in(net, X, gamma, torch.float32) and not refused_in(net, X, gamma, torch.float64)
+    f = first_factors(net, X, y)
+    gamma = 0.5 * refusal_threshold(f, torch.float32, 1e-8)
+    assert refused_in(f, gamma, torch.float32) and not refused_in(f, gamma, torch.float64)
     opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, adapt_gamma=False, T3=1,
                curvature_estimator="exact", tau1=1.0, seed=0)
     with warnings.catch_warnings():
@@ -372,10 +382,11 @@ def test_gamma_search_leaves_out_candidates_float64_cannot_invert():
     inverse = "tridiag"
     net, X, y = ill_conditioned_float32_problem(collinear=0.0)
     omega2 = 0.5
-    threshold = refusal_threshold(net, X, torch.float64, 1e-20)
-    # a γ that float64 can invert, whose ω₂γ candidate it cannot (checked here, independently of KFAC)
+    f = first_factors(net, X, y)
+    threshold = refusal_threshold(f, torch.float64, 1e-20)
+    # a γ that float64 can invert, whose ω₂γ candidate it cannot (checked here, on K-FAC's first factors)
     gamma = 1.05 * threshold
-    assert not refused_in(net, X, gamma, torch.float64) and refused_in(net, X, omega2 * gamma, torch.float64)
+    assert not refused_in(f, gamma, torch.float64) and refused_in(f, omega2 * gamma, torch.float64)
     opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, T2=1, T3=1, omega2=omega2,
                curvature_estimator="exact", tau1=1.0, seed=0)
     with pytest.warns(RuntimeWarning, match="left out of the γ search"):
@@ -387,7 +398,7 @@ def test_gamma_search_leaves_out_candidates_float64_cannot_invert():
 @pytest.mark.parametrize("inverse", ["blockdiag", "tridiag"])
 def test_gamma_is_raised_when_no_candidate_can_be_inverted(inverse):
     net, X, y = ill_conditioned_float32_problem(collinear=0.0)
-    threshold = refusal_threshold(net, X, torch.float64, 1e-20)
+    threshold = refusal_threshold(first_factors(net, X, y), torch.float64, 1e-20)
     gamma, omega2 = threshold / 1e3, math.sqrt(19 / 20) ** 20
     expected = gamma * omega2 ** -math.ceil(math.log(threshold / gamma) / math.log(1 / omega2))
     opt = KFAC(net, "categorical", inverse, gamma_init=gamma, lambda_init=1.0, adapt_gamma=False,
