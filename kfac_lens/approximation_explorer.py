@@ -12,15 +12,8 @@ import torch
 from matplotlib.figure import Figure
 
 from .errors import SingularFactorError
-from .explorer_base import (
-    WIDGET_DPI,
-    Explorer,
-    GammaLayerControls,
-    error_html,
-    figure_png,
-    image_widget,
-    table_html,
-)
+from .explorer_base import (WIDGET_DPI, Explorer, GammaLayerControls, error_html, figure_png, image_widget,
+                            table_html)
 from .study import layer_label
 
 

@@ -127,7 +127,12 @@ def run_figures(args) -> int:
         path = out / "metrics.csv"
         pd.concat(metrics.values(), ignore_index=True, sort=False).to_csv(path, index=False)
         written.append(path)
-    print(f"kfac-lens figures: wrote {len(written)} files to {out.resolve()} "
+    return report_written("figures", written, out, t_start)
+
+
+def report_written(command: str, written, out, t_start: float) -> int:
+    """Print what ``kfac-lens <command>`` wrote and how long it took; the command's exit status (0)."""
+    print(f"kfac-lens {command}: wrote {len(written)} files to {Path(out).resolve()} "
           f"in {time.perf_counter() - t_start:.0f} s:")
     for p in written:
         print(f"  {p}")
@@ -167,11 +172,8 @@ def run_inspect(args) -> int:
     print(f"\nrelative Frobenius errors (F̃ against the exact F; the inverses against F̃⁻¹ at γ = {result.gamma:.3g}, "
           f"approx={study.approx}, N = {len(study.X)}):")
     print(result.summary.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"\nkfac-lens inspect: wrote {len(written)} files to {Path(args.out).resolve()} "
-          f"in {time.perf_counter() - t_start:.0f} s:")
-    for p in written:
-        print(f"  {p}")
-    return 0
+    print()
+    return report_written("inspect", written, args.out, t_start)
 
 
 def run_train(args) -> int:

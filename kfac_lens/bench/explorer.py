@@ -19,7 +19,7 @@ import time
 import pandas as pd
 import torch
 
-from .harness import Benchmark, format_table, load_average, torch_threads
+from .harness import Benchmark, add_zoo_data_arguments, format_table, load_average, torch_threads
 
 TARGET_S = 0.3            # one γ move, compute and render, on the example network
 EXAMPLE_LAYERS = [1, 2, 3, 4]   # the middle four layers, W2..W5: P = 1680
@@ -122,11 +122,8 @@ def explorer_benchmark(study, gamma: float, repeats: int = 5, threads: int | Non
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=("mnist", "digits"), default="mnist",
-                        help="the zoo example network's data set (default mnist)")
-    parser.add_argument("--cases", type=int, default=None, metavar="N",
-                        help=f"cases the study analyses (default {BROWSER_CASES}, as in the browser test; "
-                             f"--quick: {QUICK_CASES})")
+    add_zoo_data_arguments(parser, "example network", f"cases the study analyses (default {BROWSER_CASES}, as in "
+                                                      f"the browser test; --quick: {QUICK_CASES})")
 
 
 def run_from_args(args: argparse.Namespace) -> pd.DataFrame:

@@ -230,6 +230,14 @@ _FORMATS: dict[str, Callable[[float], str]] = {
 }
 
 
+def add_zoo_data_arguments(parser, network: str, cases_help: str) -> None:
+    """``--data`` (mnist or digits, for the zoo's ``network``) and ``--cases N`` (help: ``cases_help``), shared by
+    the benchmarks that read a zoo network."""
+    parser.add_argument("--data", choices=("mnist", "digits"), default="mnist",
+                        help=f"the zoo {network}'s data set (default mnist)")
+    parser.add_argument("--cases", type=int, default=None, metavar="N", help=cases_help)
+
+
 def format_table(df: pd.DataFrame, title: str, notes: Sequence[str] = ()) -> str:
     """A titled, aligned plain-text table with numbered notes under it."""
     body = df.to_string(index=False, formatters={k: f for k, f in _FORMATS.items() if k in df.columns})

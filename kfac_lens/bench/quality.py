@@ -49,7 +49,7 @@ import time
 import pandas as pd
 import torch
 
-from .harness import Benchmark, format_table, load_average, torch_threads
+from .harness import Benchmark, add_zoo_data_arguments, format_table, load_average, torch_threads
 
 TARGET_S = 120.0          # the whole comparison on 2 CPU cores
 TARGET_HALF_WIDTH = 0.05  # each confidence interval's half-width, relative to its value
@@ -141,10 +141,7 @@ def quality_benchmark(model, X, gamma: float, name: str = "", *, probes: int = 6
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=("mnist", "digits"), default="mnist",
-                        help="the zoo autoencoder's data set (default mnist)")
-    parser.add_argument("--cases", type=int, default=None, metavar="N",
-                        help=f"cases (default {CASES}; --quick: {QUICK_CASES})")
+    add_zoo_data_arguments(parser, "autoencoder", f"cases (default {CASES}; --quick: {QUICK_CASES})")
     parser.add_argument("--probes", type=int, default=64, help="Hutchinson probes (default 64)")
     parser.add_argument("--tol", type=float, default=1e-3,
                         help="Lanczos Ritz residual bound relative to θ_max (default 1e-3)")

@@ -5,20 +5,11 @@ the model's own dtype), computes in it on a cast copy of the model when needed, 
 it; inputs and vectors of other dtypes are cast. Operators built from factors keep the factors' dtype.
 """
 
-from .approximations import (
-                     APPROXIMATIONS,
-                     Approximation,
-                     BlockDiagonalKronecker,
-                     BlockTridiagonalKronecker,
-                     CurvatureApproximation,
-                     DiagonalFisher,
-                     EigenvalueCorrectedKronecker,
-                     ExactBlockDiagonal,
-                     KroneckerFisher,
-                     ReduceBlockDiagonalKronecker,
-                     approximation_operator,
-                     build_approximations,
-)
+from .approximation_names import APPROXIMATIONS, Approximation
+from .approximation_operators import (BlockDiagonalKronecker, BlockTridiagonalKronecker, CurvatureApproximation,
+                                      DiagonalFisher, EigenvalueCorrectedKronecker, ExactBlockDiagonal,
+                                      KroneckerFisher, ReduceBlockDiagonalKronecker)
+from .approximations import approximation_operator, build_approximations
 from .compare import block_errors, direction_errors, error_by_kind
 from .cumulants import CumulantTerms, cumulant_terms
 from .damping import ExactTikhonovInverse, exact_tikhonov_inverse, trace_pi
