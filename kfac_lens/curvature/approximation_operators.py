@@ -69,6 +69,13 @@ class KroneckerPairs(CurvatureApproximation):
         super().__init__(layers, shapes)
         self.A, self.G = A, G
 
+    def _init_from_factors(self, factors: KroneckerFactors, gamma: float, pi, sel: Sequence[int], pairs) -> None:
+        """Keep ``base``, ``gamma``, ``pi`` and the ``pairs`` of the factors, damped by factored Tikhonov γ."""
+        self.base, self.gamma, self.pi = factors, check_gamma(gamma), pi
+        damped = factors.damped(self.gamma, pi) if self.gamma > 0 else factors
+        A, G = _tables(damped, sel, pairs)
+        KroneckerPairs.__init__(self, A, G, sel, [factors.shapes[k] for k in sel])
+
     def apply(self, mats):
         mats = self._check(mats)
         out = []
@@ -104,14 +111,11 @@ class KroneckerFisher(KroneckerPairs):
 
     def __init__(self, factors: KroneckerFactors, gamma: float = 0.0, pi="trace", layers=None):
         sel = factors.select(layers)
-        self.base, self.gamma, self.pi = factors, check_gamma(gamma), pi
-        damped = factors.damped(self.gamma, pi) if self.gamma > 0 else factors
         missing = [(k, l) for i, k in enumerate(sel) for l in sel[i + 1:] if (k, l) not in factors.A]
         if missing:
             raise ValueError(f"'kfac' (F̃ with every cross-layer block) needs the factors of every pair; {missing} "
                              "are missing. Compute the factors with pairs='all'.")
-        A, G = _tables(damped, sel, [(k, l) for i, k in enumerate(sel) for l in sel[i:]])
-        super().__init__(A, G, sel, [factors.shapes[k] for k in sel])
+        self._init_from_factors(factors, gamma, pi, sel, [(k, l) for i, k in enumerate(sel) for l in sel[i:]])
 
     def damped(self, gamma):
         return KroneckerFisher(self.base, gamma, self.pi, self.layers)
@@ -124,13 +128,10 @@ class BlockDiagonalKronecker(KroneckerPairs):
 
     def __init__(self, factors: KroneckerFactors, gamma: float = 0.0, pi="trace", layers=None):
         sel = factors.select(layers)
-        self.base, self.gamma, self.pi = factors, check_gamma(gamma), pi
-        damped = factors.damped(self.gamma, pi) if self.gamma > 0 else factors
-        A, G = _tables(damped, sel, [(k, k) for k in sel])
-        super().__init__(A, G, sel, [factors.shapes[k] for k in sel])
+        self._init_from_factors(factors, gamma, pi, sel, [(k, k) for k in sel])
 
     def damped(self, gamma):
-        return BlockDiagonalKronecker(self.base, gamma, self.pi, self.layers)
+        return type(self)(self.base, gamma, self.pi, self.layers)  # (also the KFAC-reduce subclass)
 
     def inverse(self):
         return BlockDiagonalInverse(self.base, self.gamma, self.layers, self.pi)
@@ -144,9 +145,6 @@ class ReduceBlockDiagonalKronecker(BlockDiagonalKronecker):
     Tikhonov, inverse :class:`BlockDiagonalInverse`."""
 
     kind = Approximation.KFAC_REDUCE
-
-    def damped(self, gamma):
-        return ReduceBlockDiagonalKronecker(self.base, gamma, self.pi, self.layers)
 
 
 class BlockTridiagonalKronecker(KroneckerPairs):
