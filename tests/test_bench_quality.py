@@ -95,16 +95,31 @@ def test_quality_refuses_cuda():
         bench.run(["quality", "--quick", "--device", "cuda", "--no-print"])
 
 
-def test_compare_approximations_float32_products():
+@pytest.mark.parametrize("likelihood,outputs", [("categorical", None), ("bernoulli", 16)])
+def test_compare_approximations_float32_products(likelihood, outputs):
+    """fisher_dtype=float32 runs the set-up's passes (factors, diag(F), EK-FAC scalings) and the F-products in
+    float32: every matrix-free column stays within float32 rounding of the float64 run's, whether the set-up
+    takes the captures (3 outputs) or the output-Fisher passes (16 outputs)."""
+    from kfac_lens.capture import as_view
+    from kfac_lens.curvature.output_fisher import output_fisher_is_cheaper
     from kfac_lens.curvature.quality import compare_approximations
 
     net = _net()
+    if outputs is not None:
+        torch.manual_seed(1)
+        net[4] = nn.Linear(4, outputs).double()
+    assert output_fisher_is_cheaper(as_view(net), [0, 1, 2], ekfac=True) == (outputs is not None)
     X = torch.randn(60, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    kw = dict(approximations=["kfac-blockdiag", "diagonal"], gamma=0.1, method="matrix-free", probes=6, top_k=3)
-    f64 = compare_approximations(net, X, "categorical", **kw)
-    f32 = compare_approximations(net, X, "categorical", fisher_dtype=torch.float32, **kw)
-    for col in ("rel_frobenius", "ci_low", "ci_high"):
+    y = (X[:, :1] > 0).double().expand(60, 16) if likelihood == "bernoulli" else torch.arange(60) % 3
+    kw = dict(approximations=["kfac", "kfac-blockdiag", "kfac-tridiag", "ekfac", "diagonal"], gamma=0.1,
+              method="matrix-free", probes=6, top_k=3, spectra=["kfac-blockdiag", "kfac-tridiag"], y=y)
+    f64 = compare_approximations(net, X, likelihood, **kw)
+    f32 = compare_approximations(net, X, likelihood, fisher_dtype=torch.float32, **kw)
+    for col in ("rel_frobenius", "ci_low", "ci_high", "ng_cosine"):
         torch.testing.assert_close(torch.tensor(f32[col].values), torch.tensor(f64[col].values), rtol=1e-4, atol=0)
+    for a, b in zip(f32["top_eigs_precond"], f64["top_eigs_precond"]):
+        if b is not None:
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0)
     with pytest.raises(ValueError, match="fisher_dtype"):
         compare_approximations(net, X, "categorical", fisher_dtype=torch.float16, **kw)
 

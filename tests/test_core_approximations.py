@@ -94,6 +94,29 @@ def test_operators_match_oracle(kind, layers, family):
         check_operator(op, D, O.shapes(net, sel))
 
 
+def test_operators_cast_to_float32_apply_the_oracle_matrices():
+    """astype(float32): the products of every approximation (damped too) in float32, within its rounding of the
+    oracle's matrix; the float64 operator is unchanged, and the exact blocks (read from float64 captures) stay
+    float64."""
+    net, X, _ = O.problem("d4", "bernoulli")
+    sel = O.all_layers(net, None)
+    F, A, G, szs = oracle_parts(net, X, "bernoulli", sel)
+    V = torch.randn(sum(szs), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for name, op in build_approximations(net, X, "bernoulli").items():
+        ref = oracle_approximation(str(name), F, A, G, sel, szs)
+        low = op.astype(torch.float32)
+        assert op.astype(torch.float64) is op and op.dtype == torch.float64
+        if name == Approximation.BLOCKDIAG_EXACT:
+            assert low is op
+            continue
+        assert low.dtype == torch.float32 and low.kind == name
+        out = low @ V.float()
+        assert out.dtype == torch.float32 and O.rel(out.double(), ref @ V) < 1e-5, name
+        assert O.rel(op @ V, ref @ V) < TOL, name  # (the original keeps its float64 tensors)
+        damped = op.damped(0.3).astype(torch.float32)
+        assert O.rel((damped @ V.float()).double(), op.damped(0.3) @ V) < 1e-5, name
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind,layers", [("d3", None), ("d4", None)])
 def test_damped_operators_and_inverses_match_oracle(kind, layers, family):

@@ -17,6 +17,7 @@ names are in :mod:`~kfac_lens.curvature.approximation_names`; the operators of a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -44,6 +45,30 @@ class CurvatureApproximation(BlockOperator):
     def inverse(self) -> BlockOperator | None:
         """A cheap operator for this (damped) approximation's inverse, or None when there is none."""
         return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._ref().dtype
+
+    def astype(self, dtype: torch.dtype) -> CurvatureApproximation:
+        """A copy whose tensors (also those in lists, tuples and dicts) are cast to ``dtype``, for cheaper
+        products (float32 about halves their time on a CPU); what it was built from (``base``) is shared."""
+        if dtype == self.dtype:
+            return self
+        out = copy.copy(self)
+        for name, value in vars(self).items():
+            setattr(out, name, _cast(value, dtype))
+        return out
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 # ----------------------------------------------------------------------------- Kronecker approximations
@@ -288,6 +313,14 @@ class ExactBlockDiagonal(CurvatureApproximation):
 
     def damped(self, gamma):
         return ExactBlockDiagonal(self.captures, self.view, self.n_cases, self.layers, gamma, self.max_block)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.view.dtype
+
+    def astype(self, dtype: torch.dtype) -> ExactBlockDiagonal:
+        """Itself: its products read the stored captures in their own dtype."""
+        return self
 
     def apply_block(self, i, V):
         k = self.layers[i]

@@ -232,4 +232,6 @@ class BlockOperator:
                 return v[0]
             if isinstance(v, list) and v and isinstance(v[0], SymmetricEig):
                 return v[0].E
+            if isinstance(v, dict) and v and isinstance(next(iter(v.values())), torch.Tensor):
+                return next(iter(v.values()))
         raise RuntimeError("operator holds no tensor")

@@ -153,7 +153,7 @@ class _Setup:
     """The checked inputs, the factors, the operators and the gradient shared by both methods."""
 
     def __init__(self, model, X, likelihood, approximations, y, layers, pi, neighbours, chunk_size,
-                 distributed=None, fisher_dtype=torch.float64):
+                 distributed=None, fisher_dtype=torch.float64, setup_dtype=torch.float64):
         self.fisher_dtype = fisher_dtype
         self.lik = get_likelihood(likelihood)
         self.distributed = distributed
@@ -166,10 +166,15 @@ class _Setup:
         if Approximation.BLOCKDIAG_EXACT in self.names:  # before any work
             check_capture_memory(self.view, self.sel, self.X.shape[0])
         pairs = factor_pairs(self.view, self.sel, self.names, self.X)
-        self.factors, diagonal = exact_factors(self.view, self.X, self.lik, self.sel, pairs, chunk_size=chunk_size,
-                                               diagonal=Approximation.DIAGONAL in self.names, distributed=distributed)
+        work = self.view.astype(setup_dtype)  # the passes over the cases; their statistics are kept in float64
+        factors, diagonal = exact_factors(work, self.X.to(setup_dtype), self.lik, self.sel, pairs,
+                                          chunk_size=chunk_size, diagonal=Approximation.DIAGONAL in self.names,
+                                          distributed=distributed)
+        self.factors = factors.to(torch.float64)
+        diagonal = None if diagonal is None else [d.double() for d in diagonal]
         self.ops = build_approximations(self.view, self.X, self.lik, self.names, self.sel, pi, neighbours,
-                                        chunk_size, factors=self.factors, distributed=distributed, diagonal=diagonal)
+                                        chunk_size, factors=self.factors, distributed=distributed, diagonal=diagonal,
+                                        pass_dtype=setup_dtype)
         self.grad = None if self.y is None else loss_gradient(self.view, self.X, self.y, self.lik, self.sel,
                                                               distributed=distributed)
         self.P = self.view.n_params(self.sel)
@@ -209,6 +214,13 @@ class _Setup:
         if chain:
             return BlockTridiagonalKronecker(self.factors, gamma, self.pi, self.sel, self.neighbours).inverse()
         return BlockDiagonalKronecker(self.factors, gamma, self.pi, self.sel).inverse()
+
+
+def _products_in(op, dtype: torch.dtype):
+    """``V ↦ op @ V`` computed in ``dtype`` where the operator can be cast (the rounding of the F-products it is
+    compared with), returned in V's dtype."""
+    low = op.astype(dtype)
+    return lambda V: (low @ V.to(low.dtype)).to(V.dtype)
 
 
 def _cosine(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -288,7 +300,8 @@ def _matrix_free(s: _Setup, gamma, top_k, spectra, probes, gen, confidence, defl
     eigs_F = lz.top(top_k)
     info.update(lanczos_F_steps=lz.steps, lanczos_F_converged=lz.converged,
                 deflation_rank=lz.steps if deflate else 0)
-    est = relative_frobenius_errors(s.fisher_matmul, {name: op.__matmul__ for name, op in s.ops.items()}, s.P,
+    est = relative_frobenius_errors(s.fisher_matmul, {name: _products_in(op, s.fisher_dtype) for name, op in
+                                                      s.ops.items()}, s.P,
                                     probes, gen, basis=lz.basis if deflate else None, fisher_basis=lz.images,
                                     confidence=confidence)
     del lz
@@ -354,8 +367,11 @@ def compare_approximations(model, X, likelihood, approximations: Sequence[str] =
     ``max_steps``, which at P steps gives every eigenvalue); ``cg_tol``: relative residual of the CG solves.
     Diagnostics (F-products used, steps, residuals, seconds) are in ``df.attrs``. ``distributed``: X (and y)
     are this rank's shard; every rank gets the table for all cases (the probes use ``seed`` on every rank).
-    ``fisher_dtype``: the dtype of the matrix-free F-products (torch.float32 about halves their time on a
-    CPU at ~1e-7 relative rounding; everything else stays float64).
+    ``fisher_dtype``: the dtype of the matrix-free passes over the cases — the set-up's factor statistics,
+    diag(F) and EK-FAC scalings (kept in float64 once summed) and the F-products — and of the approximations'
+    products that the Frobenius estimate compares with those F-products. torch.float32 about halves their time
+    on a CPU at ~1e-7 relative rounding; the operators, their inverses, Lanczos, CG and the estimators' sums
+    stay float64. ``method="dense"`` is float64 throughout.
     """
     t0 = time.perf_counter()
     method = _check_method(method)
@@ -368,7 +384,7 @@ def compare_approximations(model, X, likelihood, approximations: Sequence[str] =
     if fisher_dtype not in (torch.float64, torch.float32):
         raise ValueError(f"fisher_dtype must be torch.float64 or torch.float32, got {fisher_dtype!r}.")
     s = _Setup(model, X, likelihood, approximations, y, layers, pi, neighbours, chunk_size, distributed,
-               fisher_dtype)
+               fisher_dtype, setup_dtype=fisher_dtype if method == "matrix-free" else torch.float64)
     seconds_setup = time.perf_counter() - t0
     spectra = _check_spectra(spectra, s.names, method)
     top_k = min(top_k, s.P)
