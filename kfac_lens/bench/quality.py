@@ -7,7 +7,7 @@ of every approximation with its confidence interval, plus the top-20 spectrum of
 (generalized Lanczos). The targets: all of it in ≤ 2 minutes on 2 CPU cores, each interval's half-width
 ≤ 5% of its value. The table gives seconds / target and half-width / 5%. The F-products are batched
 (:func:`~kfac_lens.curvature.fisher.fisher_matrix_product`; on a Linear chain its cached-primal form);
-``--fisher-dtype float64`` measures the float64 products. ``--quick``: a freshly initialised autoencoder on
+``--fisher-dtype float64`` measures the float64 set-up and products. ``--quick``: a freshly initialised autoencoder on
 1000 8×8 digits (P = 9,048), in seconds. Run it as ``kfac-lens bench quality``.
 
 Where the time goes at full size. The expectation over y is exact everywhere. On this Linear chain the
@@ -18,26 +18,21 @@ the eigenbases of pass 1's factors (~1·10⁸), about 10× fewer than the two ca
 F-products keep the primal pass (:class:`~kfac_lens.curvature.chain_products.ChainFisherProduct`; the columns
 of a batch share each layer's GEMM), which matters for the ~130 one-column Lanczos steps.
 
-Measured at N = 10,000, 2026-11-28, default 2 threads on a quiet machine (load 0.2 at start, 1.9 at end):
-set-up 92 s, F Lanczos 9 s (40 steps, 0.22 s each), Frobenius estimate 34 s, F̂⁻¹F Lanczos 25 s (92 steps,
-0.27 s each), total 159 s: 1.33× the 2-minute target, missed; every interval is within ±2.1% (target met).
-With ``--threads 1`` (load 1–2.5 from another process): set-up 174 s, F Lanczos 15 s, Frobenius 57 s, F̂⁻¹F
-Lanczos 41 s, total 288 s. With 2 threads while another process held a core (load 3.5–4): 406 s, of which
-F̂⁻¹F Lanczos 238 s (2.6 s a step). The earlier 1170 s (2 threads, load 1–3; Lanczos steps of 3–6 s, 10× an
-F-product's share) was mostly this oversubscription, not the F-product: one column costs 0.37 s on one
-thread at N = 10,000 (4·N·P ≈ 1.8·10¹⁰ float32 multiply-adds) but 3.7–4.6 s on two torch threads while
-another process keeps a core busy, because each of a product's ~500 parallel regions (then ten 1024-case
-chunks × six layers × a few ops) waits for a descheduled thread. A product on several threads now takes
-4096-case blocks (~150 regions; a loaded 2-thread column 0.8–1.8 s), which softens this, but F̂⁻¹'s and the
-reorthogonalisation's small operations still suffer: on a shared machine run it with ``--threads 1``.
-Smaller causes, fixed: the Lanczos basis was column-major (reorthogonalisation 0.195 s per step over 100
-steps, 0.070 s row-major); a batch of 8 columns cost more per column than one column (m broadcast GEMMs);
-the set-up transposed an (n, 784, 250) tensor per chunk below the output layer and formed all of the
-symmetric M. What is left (quiet, 2 threads): the set-up (58%; float64 GEMMs, ~2·10¹² multiply-adds in two
-passes; F̃'s cross terms with the 784-wide output layer are ~5·10⁷ per case), 196 F-products (~0.2 s each)
-and the operators' own float64 products in the Frobenius estimate (one thread, per column: F̃ and F̂ ~0.1 s,
-EK-FAC 0.06 s, F̆ 0.03 s, on the 40 basis columns and 64 probes: ~31 s). The split in the table's notes
-shows it. On a loaded machine prefer ``--threads 1`` at every size.
+Measured at N = 10,000, 2026-11-28, default 2 threads on a quiet machine (load 0.8 at start, 1.9 at end):
+set-up 42 s, F Lanczos 9 s (40 steps), Frobenius estimate 28 s, F̂⁻¹F Lanczos 27 s (92 steps), total 107 s:
+0.89× the 2-minute target; every interval is within ±2.1% (target met). What brought it from 159 s: with
+``fisher_dtype=float32`` the set-up's two passes run in float32 (92 → 51 s) and so do the approximations'
+products in the Frobenius estimate (36 → 28 s); below the diagonal output Fisher the cross terms skip the
+(C, n, d) product of the top layer, and the lowest cross term of each layer is summed over the cases inside
+one GEMM (51 → 42 s). Earlier, 1170 s (2 threads, load 1–3) was mostly oversubscription, not the F-product:
+one column costs 0.37 s on one thread at N = 10,000 (4·N·P ≈ 1.8·10¹⁰ float32 multiply-adds) but 3.7–4.6 s
+on two torch threads while another process keeps a core busy, because each of a product's parallel regions
+waits for a descheduled thread. A product on several threads takes 4096-case blocks, which softens this, but
+F̂⁻¹'s and the reorthogonalisation's small operations still suffer: on a shared machine run it with
+``--threads 1``. What is left (quiet, 2 threads): the set-up (40%; float32 GEMMs, ~1.3·10¹² multiply-adds in
+two passes, about a quarter of the cores' peak), 196 F-products (~0.2 s each, near the peak) and the
+operators' own products (F̃ and F̂ ~0.04 s per column in float32, on 40 basis columns and 64 probes). The
+split is in the table's notes.
 """
 
 from __future__ import annotations
@@ -146,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tol", type=float, default=1e-3,
                         help="Lanczos Ritz residual bound relative to θ_max (default 1e-3)")
     parser.add_argument("--fisher-dtype", choices=("float32", "float64"), default="float32",
-                        help="dtype of the F-products (default float32; everything else is float64)")
+                        help="dtype of the passes over the cases (set-up, F-products) and of the products compared "
+                             "with them (default float32; operators, inverses, Lanczos and sums are float64)")
 
 
 def run_from_args(args: argparse.Namespace) -> pd.DataFrame:

@@ -121,6 +121,50 @@ def _times_weight(T: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, case
     return out.mul_(D[:, None, :] if case_axis == 0 else D[None, :, :])
 
 
+def _ones_if_none(D: torch.Tensor | None, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    return like.new_ones(n, d) if D is None else D
+
+
+def _summed_times_weight(T: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, case_axis: int) -> torch.Tensor:
+    """``Σ_n T_n W D_n`` (the sum over the cases of :func:`_times_weight`) as one GEMM whose inner dimension
+    runs over the cases too, ``[T_1 … T_n] · [W D_1; …; W D_n]``: no per-case products are written."""
+    if D is None:
+        return T.sum(case_axis) @ W
+    n = D.shape[0]
+    rows = (T if case_axis == 1 else T.transpose(0, 1)).reshape(T.shape[1 - case_axis], -1)  # (m, n·d_in)
+    return rows @ (W[None] * D[:, None, :]).reshape(n * W.shape[0], W.shape[1])
+
+
+def _add_cross_sums(G: dict, l: int, ks: list[int], top: int, T: torch.Tensor, axis: int, weights, derivs,
+                    add) -> None:
+    """Add ``Σ_n T_{k,l}`` to G[k, l] for the k of ``ks`` (descending), from T = T_{top,l}: T_{k,l} =
+    T_{k+1,l} W_{k+1} D_k per case, and only the sum of the lowest one (:func:`_summed_times_weight`)."""
+    for k in range(top, ks[-1] - 1, -1):
+        if k < top and k == ks[-1]:
+            add(G, (k, l), _summed_times_weight(T, weights[k + 1], derivs[k], axis).T)
+            return
+        if k < top:
+            T = _times_weight(T, weights[k + 1], derivs[k], axis)
+        if k in ks:
+            add(G, (k, l), T.sum(axis).T)
+
+
+def _diagonal_cross_sum(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+    """``Σ_n diag(m_n) W D_n`` = ``W ⊙ (mᵀ D)``: G[l-1, l]ᵀ below a diagonal M_l, (C, d)."""
+    return W * (m.T @ _ones_if_none(D, m.shape[0], W.shape[1], m))
+
+
+def _diagonal_second_cross(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, W_next: torch.Tensor,
+                           D_next: torch.Tensor | None) -> torch.Tensor:
+    """T_{l-2,l} = diag(m) W D W_{l-1} D_{l-2} per case, laid out (C, n, d_{l-2}), as one GEMM
+    ``W · [D_1 W_{l-1} … D_n W_{l-1}]`` (T_{l-1,l}, C·n·d_{l-1} numbers, is never formed)."""
+    n, (d, J) = m.shape[0], W_next.shape
+    D = _ones_if_none(D, n, d, m)
+    T = (W @ (D.T[:, :, None] * W_next[:, None, :]).reshape(d, n * J)).reshape(W.shape[0], n, J)
+    T.mul_(m.T[:, :, None])
+    return T if D_next is None else T.mul_(D_next[None, :, :])
+
+
 def _from_diagonal(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, with_T: bool, blocks: int = 5):
     """``(M, T)`` below a diagonal M_l = diag(m) (m of shape (n, C)): ``M = D Wᵀ diag(m) W D`` per case, (n, d, d),
     and, when ``with_T``, ``T = diag(m) W D`` laid out (C, n, d) (case axis 1).
@@ -220,18 +264,20 @@ def chain_statistics(view: NetworkView, X: torch.Tensor, likelihood: Likelihood,
                     if l == lo:
                         break
                     # T_{k,l} = C_{k,l}ᵀ = M_l J_{l←k}, rows per case, so each step is one GEMM
-                    if M.ndim == 2:  # diagonal M_l (the output layer's): T_{l-1,l} as (C, n, d), M_{l-1} symmetric
-                        M, T = _from_diagonal(M, weights[l], derivs[l - 1], with_T=bool(cross[l]))
-                        axis = 1
+                    ks = cross[l]
+                    if M.ndim == 2:  # diagonal M_l = diag(m) (the output layer's); M_{l-1} symmetric
+                        m = M
+                        M, _ = _from_diagonal(m, weights[l], derivs[l - 1], with_T=False)
+                        if l - 1 in ks:
+                            add(G, (l - 1, l), _diagonal_cross_sum(m, weights[l], derivs[l - 1]).T)
+                        if ks and ks[-1] < l - 1:  # T_{l-2,l} as (C, n, d), without forming T_{l-1,l}
+                            T = _diagonal_second_cross(m, weights[l], derivs[l - 1], weights[l - 1], derivs[l - 2])
+                            _add_cross_sums(G, l, ks, l - 2, T, 1, weights, derivs, add)
                     else:
                         T = _times_weight(M, weights[l], derivs[l - 1])  # T_{l-1,l} = M_l W_l D_{l-1}
                         M = _times_weight(T.transpose(1, 2).contiguous(), weights[l], derivs[l - 1])  # M_{l-1}
-                        axis = 0
-                    for k in range(l - 1, cross[l][-1] - 1 if cross[l] else l - 1, -1):
-                        if k < l - 1:  # T_{k,l} = T_{k+1,l} W_{k+1} D_k
-                            T = _times_weight(T, weights[k + 1], derivs[k], axis)
-                        if k in cross[l]:
-                            add(G, (k, l), T.sum(axis).T)
+                        if ks:
+                            _add_cross_sums(G, l, ks, l - 1, T, 0, weights, derivs, add)
         return n
 
     n = accumulate() if shards is None else shards.run(accumulate, "the output-Fisher sums on this rank's cases")
