@@ -75,20 +75,21 @@ def jacobian_vector_products(view: NetworkView, batch: GradientPass, cases: torc
         for L in view.layers:
             k = L.index
             n = a.shape[0]
-            ds = torch.empty(T, n, L.d_out, dtype=a.dtype, device=a.device)
-            for t, V in enumerate(v[k] for v in vectors):
-                if a.shape[1] == L.a_dim:  # ā already carries the homogeneous 1
-                    torch.matmul(a, V.T, out=ds[t])
-                else:
-                    torch.addmm(V[:, -1], a, V[:, :-1].T, out=ds[t])
+            # the T tangents side by side, (n, T, d_out): one GEMM per layer for all of them
+            V = torch.cat([v[k] for v in vectors]) if T > 1 else vectors[0][k]  # (T·d_out, a_dim)
+            if a.shape[1] == L.a_dim:  # ā already carries the homogeneous 1
+                ds = a @ V.T
+            else:
+                ds = torch.addmm(V[:, -1], a, V[:, :-1].T)
+            ds = ds.view(n, T, L.d_out)
             if da is not None:
-                ds.view(T * n, L.d_out).addmm_(da.reshape(T * n, L.d_in), L.module.weight.detach().T)
+                ds.view(n * T, L.d_out).addmm_(da.view(n * T, L.d_in), L.module.weight.detach().T)
             a = rows(batch.a[k + 1]) if k < last else None
             if plan[k] is not None:  # φ'(s_k) from φ(s_k): the next layer's input, or z
                 out = z if k == last else a[:, :view.layers[k + 1].d_in]
-                ds.mul_(plan[k](out)[None])
+                ds.mul_(plan[k](out)[:, None, :])
             da = ds
-    return z, da
+    return z, da.transpose(0, 1)
 
 
 def fisher_gram_from_pass(view: NetworkView, likelihood: Likelihood, batch: GradientPass,
@@ -107,11 +108,12 @@ def fisher_gram_from_pass(view: NetworkView, likelihood: Likelihood, batch: Grad
     total = None
     for part in parts:
         z, Jv = jacobian_vector_products(view, batch, part, vectors, plan)
-        T, n = Jv.shape[0], Jv.shape[1]
-        FJ = torch.stack([output_fisher_vp(likelihood, z, Jv[t]) for t in range(T)])
+        Jv = Jv.transpose(0, 1)  # (n, T, *output): contiguous on a chain
+        n, T = Jv.shape[0], Jv.shape[1]
+        FJ = torch.stack([output_fisher_vp(likelihood, z, Jv[:, t]) for t in range(T)], 1)
         # each case's (Jvᵢ)ᵀF_R(Jvⱼ) in the model's dtype, their sum over the cases in float64 (converting the
         # T·n·C products to float64 first would cost more than the whole Gram)
-        per_case = torch.bmm(Jv.reshape(T, n, -1).transpose(0, 1), FJ.reshape(T, n, -1).permute(1, 2, 0))
+        per_case = torch.bmm(Jv.reshape(n, T, -1), FJ.reshape(n, T, -1).transpose(1, 2))
         chunk_sum = per_case.double().sum(0)
         total = chunk_sum if total is None else total + chunk_sum
         del z, Jv, FJ, per_case
