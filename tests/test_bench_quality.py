@@ -90,6 +90,16 @@ def test_quality_quick_table(capsys):
     assert df.attrs["comparison"].attrs["fisher_products"] > 0
 
 
+def test_quality_paper_preset_table(capsys):
+    """--preset paper: K-FAC's first γ = √(λ₀ + η) of the paper and the 15-minute target (here on digits, as a
+    smoke test: --quick)."""
+    df = bench.run(["quality", "--preset", "paper", "--quick", "--probes", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "paper autoencoder (digits" in out and "targets 900 s" in out
+    assert math.isclose(df["ratio_to_target"].iloc[0], df["value"].iloc[0] / 900.0)
+    assert f"γ = {(150 + 1e-5) ** 0.5:.3g}" in out
+
+
 def test_quality_refuses_cuda():
     with pytest.raises(SystemExit, match="drop --device"):
         bench.run(["quality", "--quick", "--device", "cuda", "--no-print"])
