@@ -22,7 +22,6 @@ gradient of the training targets (empirical Fisher, w = 1).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,13 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import NonFiniteError, UnsupportedModelError
 from .likelihoods import Likelihood
 from .nets import NetworkView
 from .options import Estimator, parse
 from .probe import check_cases_first, check_modules, probe_layers
+from .progress import progress_bar
 
 ESTIMATORS = Estimator.choices()
 
@@ -374,8 +373,8 @@ def chunk_starts(n_cases: int, chunk_size: int, progress: bool | None = None, de
     """The first case of each chunk, behind a progress bar: automatic (shown for more than 4 chunks unless
     ``KFAC_LENS_QUIET`` is set, as the CLI's ``--quiet`` does), or forced on/off by ``progress``."""
     n_chunks = math.ceil(n_cases / chunk_size)
-    show = (n_chunks > 4 and not os.environ.get("KFAC_LENS_QUIET")) if progress is None else bool(progress)
-    return tqdm(range(0, n_cases, chunk_size), total=n_chunks, desc=desc, disable=not show, leave=False)
+    return progress_bar(range(0, n_cases, chunk_size), total=n_chunks, desc=desc, long=n_chunks > 4,
+                        progress=progress)
 
 
 def iter_captures(view: NetworkView, X: torch.Tensor, likelihood: Likelihood, layers: Sequence[int],

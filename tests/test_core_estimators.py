@@ -59,6 +59,25 @@ def test_lanczos_stops_early_on_a_decaying_spectrum():
     assert bool((res.residuals[:5] <= 1e-10 * float(ref[0])).all())
 
 
+def test_long_runs_show_progress_bars_unless_quiet(capsys, monkeypatch):
+    """Lanczos counts its steps and the Frobenius estimate its products on a bar: forced here (``progress``), by
+    themselves for operators of ≥ LARGE_OPERATOR rows, never for small ones or under KFAC_LENS_QUIET."""
+    from kfac_lens.progress import LARGE_OPERATOR, shown
+
+    A = spd(40, [1.0 / (i + 1) for i in range(40)])
+    lanczos(lambda V: A @ V, 40, 3, generator=torch.Generator().manual_seed(0), progress=True, desc="Lanczos here")
+    relative_frobenius_errors(lambda V: A @ V, {"half": lambda V: 0.5 * (A @ V)}, 40, 8,
+                              torch.Generator().manual_seed(0), progress=True)
+    err = capsys.readouterr().err
+    assert "Lanczos here" in err and "Frobenius estimate" in err
+    lanczos(lambda V: A @ V, 40, 3, generator=torch.Generator().manual_seed(0))
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("KFAC_LENS_QUIET", raising=False)
+    assert shown(long=True) and not shown(long=False) and shown(long=False, progress=True)
+    monkeypatch.setenv("KFAC_LENS_QUIET", "1")
+    assert not shown(long=True) and shown(long=True, progress=True) and LARGE_OPERATOR > 40
+
+
 def test_generalized_lanczos_and_cg_with_a_preconditioner():
     """Eigenvalues of M⁻¹A from M⁻¹ alone (M-inner product), and preconditioned CG's solution."""
     n = 40

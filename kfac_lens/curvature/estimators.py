@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..progress import LARGE_OPERATOR, progress_bar
+
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -112,31 +114,43 @@ def relative_frobenius_errors(fisher_matmul: Matmul, approx_matmuls: Mapping[str
                               probes: int, generator: torch.Generator | None = None,
                               basis: torch.Tensor | None = None, fisher_basis: torch.Tensor | None = None,
                               confidence: float = 0.95, distribution: str = "rademacher", batch: int = 32,
-                              dtype=torch.float64, device=None) -> dict[str, RatioEstimate]:
+                              dtype=torch.float64, device=None, progress: bool | None = None,
+                              ) -> dict[str, RatioEstimate]:
     """‖F − F_a‖_F / ‖F‖_F for each approximation, all from the same probes and the same F-products.
 
     ``basis`` Q (P, q, orthonormal columns) with ``fisher_basis`` = FQ deflates the estimator (see the module
     docstring): the part of the norms in span(Q) is exact, the probes ``(I − QQᵀ)v`` estimate the rest. The
     estimator is unbiased for any Q chosen independently of the probes. ``batch`` probes go through
-    ``fisher_matmul`` at a time; the interval is :func:`ratio_estimate`'s.
+    ``fisher_matmul`` at a time; the interval is :func:`ratio_estimate`'s. A progress bar counts the products
+    for ``n_params`` ≥ :data:`~kfac_lens.progress.LARGE_OPERATOR` (``progress`` forces it on or off).
     """
     num_exact = dict.fromkeys(approx_matmuls, 0.0)
     den_exact = 0.0
+    starts = range(0, probes, batch)
+    bar = progress_bar(total=len(approx_matmuls) * (2 if basis is not None else 1) + len(starts),
+                       desc="Frobenius estimate", long=n_params >= LARGE_OPERATOR, progress=progress)
     if basis is not None:
         if fisher_basis is None:
             fisher_basis = fisher_matmul(basis).detach()
         den_exact = float(fisher_basis.square().sum())
         for name, mm in approx_matmuls.items():
             num_exact[name] = float((fisher_basis - mm(basis)).square().sum())
+            bar.update(1)
     W = probe_vectors(n_params, probes, generator, distribution, dtype, device)
     if basis is not None:
         W = W - basis @ (basis.T @ W)
-    FW = torch.cat([fisher_matmul(W[:, i:i + batch]).detach() for i in range(0, probes, batch)], dim=1)
+    parts = []
+    for i in starts:
+        parts.append(fisher_matmul(W[:, i:i + batch]).detach())
+        bar.update(1)
+    FW = torch.cat(parts, dim=1)
     den_gram = FW.T @ FW
     out = {}
     for name, mm in approx_matmuls.items():
         D = FW - mm(W)
         out[name] = ratio_estimate(D.T @ D, den_gram, num_exact[name], den_exact, confidence)
+        bar.update(1)
+    bar.close()
     return out
 
 
@@ -179,7 +193,7 @@ def _ritz(T: torch.Tensor, beta: float):
 def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = None,
             precondition: Matmul | None = None, max_steps: int | None = None, tol: float = 1e-8,
             solve_tol: float = 1e-8, generator: torch.Generator | None = None, keep_images: bool = False,
-            dtype=torch.float64, device=None) -> LanczosResult:
+            dtype=torch.float64, device=None, progress: bool | None = None, desc: str = "Lanczos") -> LanczosResult:
     """Lanczos with full reorthogonalisation on M⁻¹A (A = ``matmul``, M⁻¹ = ``precondition``, default I).
 
     M⁻¹A is self-adjoint in ⟨x, y⟩_M = xᵀMy, so its Lanczos vectors are M-orthonormal; the process keeps
@@ -190,7 +204,8 @@ def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = No
     vector M-orthogonal to the basis while ``k`` > 0: run to ``n`` steps this recovers every multiplicity.
     Prefer a random start for spectra (a structured ``rhs`` may miss an invariant subspace). Stops when the
     top ``k`` Ritz values' residual bounds are at most ``tol``·|θ_max| and, with ``rhs``, the relative CG
-    residual is at most ``solve_tol``; or after ``max_steps`` (default n) steps.
+    residual is at most ``solve_tol``; or after ``max_steps`` (default n) steps. A progress bar (``desc``) counts
+    the steps for n ≥ :data:`~kfac_lens.progress.LARGE_OPERATOR` (``progress`` forces it on or off).
     """
     pre = precondition or (lambda U: U)
     steps_cap = n if max_steps is None else min(int(max_steps), n)
@@ -218,7 +233,9 @@ def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = No
     U[0] = u[:, 0]
     alphas, betas = [], []
     converged, coef, solve_res = False, None, float("nan")
+    bar = progress_bar(total=steps_cap, desc=desc, long=n >= LARGE_OPERATOR, progress=progress)
     while True:
+        bar.update(1)
         j = len(alphas)
         y = matmul(V[j][:, None]).detach()  # (an operator built on autograd must not grow a graph here)
         if keep_images:
@@ -257,6 +274,7 @@ def lanczos(matmul: Matmul, n: int, k: int = 0, *, rhs: torch.Tensor | None = No
         V[j + 1] = v[:, 0]
         if precondition is not None:
             U[j + 1] = u[:, 0]
+    bar.close()
     m = len(alphas)
     basis = V[:m].T  # (n, m), a view of the row-major rows
     solution = None if rhs is None else (basis @ coef.to(dtype)).reshape(rhs.shape)
@@ -269,4 +287,4 @@ def conjugate_gradient(matmul: Matmul, rhs: torch.Tensor, precondition: Matmul |
     """Solve ``A x = rhs`` for symmetric positive definite A by preconditioned CG (the Lanczos form, with full
     reorthogonalisation); ``result.solution`` and ``result.solve_residual``."""
     return lanczos(matmul, rhs.numel(), 0, rhs=rhs, precondition=precondition, solve_tol=tol,
-                   max_steps=max_steps, dtype=rhs.dtype, device=rhs.device)
+                   max_steps=max_steps, dtype=rhs.dtype, device=rhs.device, desc="conjugate gradient")

@@ -295,7 +295,8 @@ def _matrix_free(s: _Setup, gamma, top_k, spectra, probes, gen, confidence, defl
         pre = s.reference_preconditioner(gamma, inverses)
         cg_steps = min(s.P, 500) if max_steps is None else max_steps
         lap("damping")
-    lz = lanczos(s.fisher_matmul, s.P, top_k, max_steps=steps, tol=tol, generator=gen, keep_images=deflate)
+    lz = lanczos(s.fisher_matmul, s.P, top_k, max_steps=steps, tol=tol, generator=gen, keep_images=deflate,
+                 desc="Lanczos on F")
     lap("lanczos_F")
     eigs_F = lz.top(top_k)
     info.update(lanczos_F_steps=lz.steps, lanczos_F_converged=lz.converged,
@@ -321,7 +322,7 @@ def _matrix_free(s: _Setup, gamma, top_k, spectra, probes, gen, confidence, defl
         lap("ng_reference")
         for name in spectra:
             run = lanczos(Fg, s.P, top_k, precondition=inverses[name].__matmul__, max_steps=steps, tol=tol,
-                          generator=gen)
+                          generator=gen, desc=f"Lanczos on ({name})⁻¹F")
             eigs[name], cond[name] = run.top(top_k), run.condition
             info[f"lanczos_{name}_steps"] = run.steps
             info[f"lanczos_{name}_converged"] = run.converged
