@@ -165,9 +165,8 @@ def _diagonal_second_cross(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | N
     return T if D_next is None else T.mul_(D_next[None, :, :])
 
 
-def _from_diagonal(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, with_T: bool, blocks: int = 5):
-    """``(M, T)`` below a diagonal M_l = diag(m) (m of shape (n, C)): ``M = D Wᵀ diag(m) W D`` per case, (n, d, d),
-    and, when ``with_T``, ``T = diag(m) W D`` laid out (C, n, d) (case axis 1).
+def _from_diagonal(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, blocks: int = 5) -> torch.Tensor:
+    """M below a diagonal M_l = diag(m) (m of shape (n, C)): ``M = D Wᵀ diag(m) W D`` per case, (n, d, d).
 
     Each product runs over the output units with the cases side by side, ``Wᵀ (C, d) · [m_i W_i·]_(C, n·d)``, so
     nothing of size n·C·d is transposed, and only the ``blocks`` column blocks on and above the diagonal of the
@@ -175,11 +174,6 @@ def _from_diagonal(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, wit
     n, C = m.shape
     d = W.shape[1]
     mt = m.T
-    T = None
-    if with_T:
-        T = mt[:, :, None] * W[:, None, :]
-        if D is not None:
-            T.mul_(D[None, :, :])
     M = torch.empty(d, n, d, dtype=m.dtype, device=m.device)
     edges = [round(i * d / blocks) for i in range(blocks + 1)]
     for s, e in zip(edges, edges[1:]):
@@ -189,7 +183,7 @@ def _from_diagonal(m: torch.Tensor, W: torch.Tensor, D: torch.Tensor | None, wit
     for s, e in zip(edges, edges[1:]):
         M[e:, :, s:e] = M[s:e, :, e:].transpose(0, 2)
     M = M.permute(1, 0, 2).contiguous()
-    return (M if D is None else M.mul_(D[:, :, None]).mul_(D[:, None, :])), T
+    return M if D is None else M.mul_(D[:, :, None]).mul_(D[:, None, :])
 
 
 def _diag(M: torch.Tensor) -> torch.Tensor:
@@ -267,7 +261,7 @@ def chain_statistics(view: NetworkView, X: torch.Tensor, likelihood: Likelihood,
                     ks = cross[l]
                     if M.ndim == 2:  # diagonal M_l = diag(m) (the output layer's); M_{l-1} symmetric
                         m = M
-                        M, _ = _from_diagonal(m, weights[l], derivs[l - 1], with_T=False)
+                        M = _from_diagonal(m, weights[l], derivs[l - 1])
                         if l - 1 in ks:
                             add(G, (l - 1, l), _diagonal_cross_sum(m, weights[l], derivs[l - 1]).T)
                         if ks and ks[-1] < l - 1:  # T_{l-2,l} as (C, n, d), without forming T_{l-1,l}
