@@ -175,10 +175,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> pd.DataFrame:
     if args.device != "cpu":
         raise SystemExit("kfac-lens bench quality: the targets are for the CPU; drop --device.")
-    cases = args.cases or (QUICK_CASES if args.quick else CASES)
     paper = args.preset == "paper"
     if paper:
         cases = args.cases or (QUICK_CASES // 10 if args.quick else PAPER_CASES)
+    else:
+        cases = args.cases or (QUICK_CASES if args.quick else CASES)
     data = "digits" if paper and args.quick else args.data
     with torch_threads(args.threads):
         model, X, gamma, name = autoencoder_problem(data, cases, trained=not args.quick, seed=args.seed,
