@@ -3,8 +3,11 @@ median with a min–max band (Section 13's curves, issue 10's robust comparisons
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
+import pytest
 from matplotlib.collections import PolyCollection
 
 from kfac_lens import zoo
@@ -54,3 +57,24 @@ def test_training_comparison_stacks_seeds(tmp_path):
     kb = hist["K-FAC block-diagonal"]
     pd.testing.assert_frame_equal(kb[kb["seed"] == 1].drop(columns="seed").reset_index(drop=True),
                                   single["K-FAC block-diagonal"])
+
+
+def _errors(first_low: int, last: int = 100) -> pd.DataFrame:
+    """A history recording its error every 10 iterations: 2 before the given iteration, 0.5 from it on."""
+    it = list(range(10, last + 1, 10))
+    err = [2.0 if k < first_low else 0.5 for k in it]
+    return pd.DataFrame({"iteration": it, "time": it, "loss": err, "error": err})
+
+
+def test_extra_progress_per_iteration_counts_the_iterations_to_the_reference_error():
+    from kfac_lens.figures import extra_progress_per_iteration
+
+    ref = _errors(100)  # reaches its last error, 0.5, at iteration 100
+    other = _errors(80)  # at iteration 80
+    assert extra_progress_per_iteration(ref, other) == pytest.approx(100 / 80 - 1)
+    assert extra_progress_per_iteration(ref, ref) == 0.0
+    assert extra_progress_per_iteration(other, ref) == pytest.approx(80 / 100 - 1)  # the slower run as "other"
+    never = pd.DataFrame({"iteration": [10, 20], "time": [1, 2], "loss": [5.0, 5.0], "error": [5.0, 5.0]})
+    assert math.isnan(extra_progress_per_iteration(ref, never))
+    assert math.isnan(extra_progress_per_iteration(ref, ref.drop(columns="error")))
+

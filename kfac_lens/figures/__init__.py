@@ -69,6 +69,7 @@ from .training import (
     TRAINING_LOSS_DEFINITION,
     TrainingLabels,
     draw_training_curves,
+    extra_progress_per_iteration,
     figure_training_curves,
     training_comparison_labels,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "figure_cumulants",
     "figure_exact_vs_kfac",
     "figure_inverse_structure",
+    "extra_progress_per_iteration",
     "figure_training_curves",
     "fmt_level",
     "inverse_structure_title",
