@@ -292,7 +292,7 @@ def autoencoder(preset: str = "quick", data: str = "mnist", *, cache_dir=None, d
 def training_comparison(preset: str = "quick", data: str = "mnist", *, iterations: int | None = None,
                         sgd_lr: float = 0.01, adam_lr: float = 3e-3, batch_size: int = 500, cache_dir=None,
                         device=None, progress: bool = True, retrain: bool = False,
-                        seed: int = 0, seeds=None) -> dict[str, pd.DataFrame]:
+                        seed: int = 0, seeds=None, baselines: bool = True) -> dict[str, pd.DataFrame]:
     """Histories of K-FAC (block-diagonal and block-tridiagonal, the paper's exponential batch schedule,
     ``iterations`` iterations) and the baselines SGD-Nesterov and Adam (fixed batch ``batch_size``, run for
     as much optimizer time as the slower K-FAC run) on the autoencoder problem. The default learning rates
@@ -301,14 +301,16 @@ def training_comparison(preset: str = "quick", data: str = "mnist", *, iteration
 
     ``seeds`` (e.g. ``(0, 1, 2)``) runs the comparison once per seed (each cached on its own) and stacks each
     method's histories with a ``seed`` column, which :func:`kfac_lens.figures.figure_training_curves` draws
-    as the median with a min–max band."""
+    as the median with a min–max band. ``baselines=False`` trains only K-FAC's two inverses (Section 13's
+    per-iteration comparison of block-diagonal and block-tridiagonal, when equal-time baselines cost too
+    much, as for the paper preset on a CPU)."""
     if seeds is not None:
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise ValueError("seeds: give at least one seed (or None for the single run of `seed`).")
         runs = [training_comparison(preset, data, iterations=iterations, sgd_lr=sgd_lr, adam_lr=adam_lr,
                                     batch_size=batch_size, cache_dir=cache_dir, device=device, progress=progress,
-                                    retrain=retrain, seed=s) for s in seeds]
+                                    retrain=retrain, seed=s, baselines=baselines) for s in seeds]
         return {name: pd.concat([r[name].assign(seed=s) for s, r in zip(seeds, runs)], ignore_index=True)
                 for name in runs[0]}
     p = dict(AUTOENCODER_PRESETS[preset])
@@ -319,6 +321,8 @@ def training_comparison(preset: str = "quick", data: str = "mnist", *, iteration
     config = dict(kind="comparison", data=data, preset=preset, iterations=iterations, sgd_lr=sgd_lr,
                   adam_lr=adam_lr, batch_size=batch_size, seed=seed, sizes=sizes,
                   **{k: p[k] for k in ("m1", "full_at", "lambda_init", "eta", "n_train")})
+    if not baselines:  # (only then in the cache key, so that the full comparisons keep theirs)
+        config["baselines"] = False
     cache_dir = Path(cache_dir) if cache_dir is not None else default_zoo_dir()
     path = cache_dir / f"comparison-{data}-{preset}-{config_hash(config)}.pt"
     if path.exists() and not retrain:
@@ -338,6 +342,8 @@ def training_comparison(preset: str = "quick", data: str = "mnist", *, iteration
     histories = {}
     budget = None
     for name, (make, bs) in runs.items():
+        if not baselines and not name.startswith("K-FAC"):
+            continue
         model = sparse_init_(autoencoder_net(sizes), seed=seed).to(device)
         if name.startswith("K-FAC"):
             histories[name] = train(model, make(model), X, X, iterations, batch_size=bs, eval_every=10,

@@ -113,6 +113,32 @@ def test_training_iterations_are_passed_on_and_named_in_the_metrics(tmp_path, mo
     assert set(table["kfac_iterations_run"]) == {10} and set(table["preset_iterations"]) == {150}
 
 
+def test_training_kfac_only_draws_the_two_inverses_and_their_progress(tmp_path, monkeypatch):
+    """--training-kfac-only trains no baselines, writes figure_training_kfac.png and puts block-tridiagonal's
+    extra progress per iteration in its metrics: here it reaches block-diagonal's last error (0.5, at
+    iteration 100) at iteration 80, so +25%."""
+    import numpy as np
+
+    calls = []
+
+    def fake_comparison(preset, data, **kw):
+        calls.append(kw.get("baselines"))
+        it = np.arange(1, 101)
+
+        def run(first_low):
+            return pd.DataFrame({"iteration": it, "time": 0.1 * it, "loss": 1.0 / it, "seed": 0,
+                                 "error": np.where(it % 10 == 0, np.where(it < first_low, 2.0, 0.5), np.nan)})
+        return {"K-FAC block-diagonal": run(100), "K-FAC block-tridiagonal": run(80)}
+
+    monkeypatch.setattr(zoo, "training_comparison", fake_comparison)
+    assert cli.main(["figures", "--data", "digits", "--fig", "training", "--out", str(tmp_path), "--quiet",
+                     "--training-seeds", "1", "--training-kfac-only"]) == 0
+    assert calls == [False]
+    assert (tmp_path / "figure_training_kfac.png").exists() and not (tmp_path / "figure_training.png").exists()
+    table = pd.read_csv(tmp_path / "metrics" / "training_kfac.csv")
+    np.testing.assert_allclose(table["tridiag_extra_progress"], 0.25)
+
+
 def test_training_seeds_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         cli.main(["figures", "--training-seeds", "0"])

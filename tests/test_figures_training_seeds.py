@@ -78,3 +78,12 @@ def test_extra_progress_per_iteration_counts_the_iterations_to_the_reference_err
     assert math.isnan(extra_progress_per_iteration(ref, never))
     assert math.isnan(extra_progress_per_iteration(ref, ref.drop(columns="error")))
 
+
+def test_training_comparison_without_baselines(tmp_path):
+    hist = zoo.training_comparison("quick", "digits", iterations=2, cache_dir=tmp_path, device="cpu",
+                                   progress=False, baselines=False)
+    assert list(hist) == ["K-FAC block-diagonal", "K-FAC block-tridiagonal"]
+    full = zoo.training_comparison("quick", "digits", iterations=2, cache_dir=tmp_path, device="cpu",
+                                   progress=False)  # a cache entry of its own, with the baselines
+    assert list(full) == ["K-FAC block-diagonal", "K-FAC block-tridiagonal", "SGD-Nesterov", "Adam"]
+    assert len(list(tmp_path.glob("comparison-*.pt"))) == 2

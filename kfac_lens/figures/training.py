@@ -67,9 +67,8 @@ class TrainingLabels:
             self.network,
             f"{self.data} training set" if self.data else None,
             f"preset {self.preset!r}" if self.preset else None,
-            self.note,
         ) if x)
-        return "Training curves" + (f": {what}" if what else "")
+        return "Training curves" + (f": {what}" if what else "") + (f"\n{self.note}" if self.note else "")
 
 
 def draw_training_curves(fig: Figure, histories: Mapping[str, pd.DataFrame],
