@@ -87,3 +87,12 @@ def test_training_comparison_without_baselines(tmp_path):
                                    progress=False)  # a cache entry of its own, with the baselines
     assert list(full) == ["K-FAC block-diagonal", "K-FAC block-tridiagonal", "SGD-Nesterov", "Adam"]
     assert len(list(tmp_path.glob("comparison-*.pt"))) == 2
+
+
+def test_extra_progress_interpolates_between_the_recorded_errors():
+    from kfac_lens.figures import extra_progress_per_iteration
+
+    ref = pd.DataFrame({"iteration": [10, 20], "time": [1, 2], "loss": [1.0, 1.0], "error": [4.0, 1.0]})
+    # "other" records 4 at iteration 10 and 0.25 at 20: in log error it passes 1 halfway, at 15
+    other = ref.assign(error=[4.0, 0.25])
+    assert extra_progress_per_iteration(ref, other) == pytest.approx(20 / 15 - 1)
