@@ -87,3 +87,34 @@ def test_claim_figure7_on_the_papers_own_autoencoder():
     assert (piv["re-scaled, momentum"] >= piv["re-scaled, no momentum"] * (1 - 1e-6)).all()
     assert (piv.loc[piv.index <= chosen * 1.001, "raw Δ (no re-scaling)"] < 0).all()
     assert piv["re-scaled, momentum"].max() > 10 * piv["raw Δ (no re-scaling)"].max()
+
+
+def test_tridiagonal_progress_on_the_papers_own_autoencoder():
+    """The committed run of K-FAC's two inverses on the paper's 784-1000-500-250-30 autoencoder to iteration
+    400 of 500 (figures/paper/metrics/training_kfac.csv, `kfac-lens figures --preset paper --fig training
+    --training-kfac-only --training-seeds 1 --training-iterations 400`). The paper (Section 13) finds that
+    the block-tridiagonal inverse makes 25–40% more progress per iteration than the block-diagonal one;
+    this run shows it ahead, but by +2% to +7% only (at every cut from iteration 100 to 400), and the test
+    asserts what the run shows: ahead at every recorded iteration past 100, by less than 25%."""
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    path = Path(__file__).resolve().parents[1] / "figures" / "paper" / "metrics" / "training_kfac.csv"
+    df = pd.read_csv(path)
+    runs = {name: g.dropna(subset=["error"]).set_index("iteration")["error"] for name, g in df.groupby("run")}
+    bd, td = runs["K-FAC block-diagonal"], runs["K-FAC block-tridiagonal"]
+    assert bd.index.max() == td.index.max() == 400 and set(df["preset_iterations"]) == {500}
+    assert bd.iloc[-1] < bd.iloc[0] / 100 and td.iloc[-1] < td.iloc[0] / 100  # both train
+    late = bd.index[bd.index > 100]
+    assert (td[late] < bd[late]).all()  # block-tridiagonal ahead at every recorded iteration past 100
+    # iterations block-tridiagonal needs to reach block-diagonal's error at 400: the first record at or below
+    # it, and the one before, interpolated in log error
+    target = bd.iloc[-1]
+    i = int(np.flatnonzero(td.to_numpy() <= target)[0])
+    (k0, e0), (k1, e1) = (td.index[i - 1], td.iloc[i - 1]), (td.index[i], td.iloc[i])
+    k_td = k0 + (k1 - k0) * (np.log(e0) - np.log(target)) / (np.log(e0) - np.log(e1))
+    extra = 400 / k_td - 1
+    assert 0 < extra < 0.25
+    assert extra == pytest.approx(float(df["tridiag_extra_progress"].iloc[0]), rel=1e-9)
