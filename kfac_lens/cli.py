@@ -112,8 +112,9 @@ def run_figures(args) -> int:
             labels = F.training_comparison_labels(args.preset, args.data, args.training_iterations)
             extra = tridiagonal_extra_progress(hist)
             if not baselines:
-                labels["note"] = "; ".join(filter(None, [labels["note"], "K-FAC's two inverses, " + (
-                    f"block-tridiagonal's extra progress per iteration {100 * extra:+.0f}%")]))
+                progress_note = ("K-FAC's two inverses, block-tridiagonal's extra progress per iteration "
+                                 f"{100 * extra:+.0f}%")
+                labels["note"] = "; ".join(filter(None, [labels["note"], progress_note]))
             drawn = F.figure_training_curves(hist, **labels)
             drawn.metrics["tridiag_extra_progress"] = extra
             if args.training_iterations is not None:  # the metrics say how far K-FAC ran, against the preset
@@ -147,10 +148,9 @@ def tridiagonal_extra_progress(hist: dict) -> float:
     bd, td = hist.get("K-FAC block-diagonal"), hist.get("K-FAC block-tridiagonal")
     if bd is None or td is None:
         return float("nan")
-    if "seed" not in bd.columns:
-        return F.extra_progress_per_iteration(bd, td)
-    return float(np.median([F.extra_progress_per_iteration(bd[bd["seed"] == s], td[td["seed"] == s])
-                            for s in sorted(bd["seed"].unique())]))
+    seeds = sorted(bd["seed"].unique()) if "seed" in bd.columns else [None]
+    pick = (lambda h, s: h) if seeds == [None] else (lambda h, s: h[h["seed"] == s])
+    return float(np.median([F.extra_progress_per_iteration(pick(bd, s), pick(td, s)) for s in seeds]))
 
 
 def report_written(command: str, written, out, t_start: float) -> int:

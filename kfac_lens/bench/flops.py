@@ -14,6 +14,7 @@ with k right-hand sides n²k, and a symmetric eigendecomposition with vectors 9n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,7 @@ def _square_side(shape) -> int:
 
 
 def _batch(shape) -> int:
-    out = 1
-    for s in shape[:-2]:
-        out *= int(s)
-    return out
+    return math.prod(int(s) for s in shape[:-2])
 
 
 def cholesky_flops(a_shape, *args, out_shape=None, **kwargs) -> int:
